@@ -1,0 +1,251 @@
+-- gancho capture schema, version 1.
+--
+-- Running this file more than once is safe: every statement creates what is
+-- missing and replaces the functions. It needs no superuser and no extension,
+-- only the CREATE privilege on the database. Watching a table with
+-- gancho.watch() needs ownership of that table.
+--
+--   psql "$DATABASE_URL" -v ON_ERROR_STOP=1 -f sql/gancho.sql
+--   psql "$DATABASE_URL" -c "select gancho.watch('stock', 'public.spree_stock_items', '{id}', '{variant_id,count_on_hand}')"
+--
+-- PostgreSQL 13 or later is required (gen_random_uuid and xid8 are built in from 13 on).
+
+create schema if not exists gancho;
+
+create table if not exists gancho.meta (
+    key text primary key,
+    value text not null
+);
+
+insert into gancho.meta (key, value) values ('schema_version', '1')
+on conflict (key) do update set value = excluded.value;
+
+-- One row per watched table and source name, so that uninstall and
+-- `gancho check` know which triggers exist.
+create table if not exists gancho.watched (
+    source text primary key,
+    table_schema text not null,
+    table_name text not null,
+    key_columns text[] not null,
+    columns text[] not null,
+    installed_at timestamptz not null default now()
+);
+
+-- The outbox: one row per captured change, written inside the shop's own
+-- transaction. It is the durable record; NOTIFY only wakes the sidecar.
+create table if not exists gancho.outbox (
+    id bigint generated always as identity primary key,
+    source text not null,
+    table_name text not null,
+    operation text not null,
+    key jsonb,
+    old jsonb,
+    new jsonb,
+    transaction_id xid8 not null default pg_current_xact_id(),
+    changed_at timestamptz not null default clock_timestamp(),
+    processed_at timestamptz
+);
+
+-- Keeps the claim of unprocessed changes an index scan however much
+-- processed history the table holds.
+create index if not exists outbox_unprocessed on gancho.outbox (id) where processed_at is null;
+
+-- Per-rule, per-row memory, used by threshold rules with a rearm level.
+create table if not exists gancho.rule_state (
+    rule text not null,
+    key jsonb not null,
+    state text not null,
+    updated_at timestamptz not null default now(),
+    primary key (rule, key)
+);
+
+-- One row per rule match: the event that endpoints receive.
+create table if not exists gancho.event (
+    id bigint generated always as identity primary key,
+    outbox_id bigint not null,
+    rule text not null,
+    type text not null,
+    data jsonb not null,
+    occurred_at timestamptz not null,
+    created_at timestamptz not null default now()
+);
+
+create index if not exists event_outbox on gancho.event (outbox_id);
+
+-- One row per event and endpoint. The webhook_id is fixed at creation and
+-- sent unchanged on every attempt, so receivers can deduplicate on it.
+create table if not exists gancho.delivery (
+    id bigint generated always as identity primary key,
+    event_id bigint not null references gancho.event (id) on delete cascade,
+    endpoint text not null,
+    webhook_id text not null unique default ('msg_' || replace(gen_random_uuid()::text, '-', '')),
+    ordering_key text,
+    status text not null default 'pending' check (status in ('pending', 'delivered', 'dead')),
+    attempts integer not null default 0,
+    next_attempt_at timestamptz not null default now(),
+    lease_until timestamptz,
+    created_at timestamptz not null default now(),
+    finished_at timestamptz,
+    last_error text
+);
+
+create index if not exists delivery_due on gancho.delivery (endpoint, next_attempt_at, id) where status = 'pending';
+create index if not exists delivery_dead on gancho.delivery (endpoint, id) where status = 'dead';
+create index if not exists delivery_event on gancho.delivery (event_id);
+
+-- Every HTTP attempt, successful or not.
+create table if not exists gancho.attempt (
+    id bigint generated always as identity primary key,
+    delivery_id bigint not null references gancho.delivery (id) on delete cascade,
+    attempt integer not null,
+    started_at timestamptz not null,
+    status_code integer,
+    latency_ms double precision not null,
+    error text,
+    response_body text
+);
+
+create index if not exists attempt_delivery on gancho.attempt (delivery_id);
+
+-- The trigger function shared by every watched table. Arguments: source name,
+-- key columns, captured columns.
+--
+-- It reads the row through to_jsonb() instead of naming columns, so a column
+-- renamed or dropped after install yields null instead of an error, and the
+-- shop's write goes on. It runs as its owner (security definer), so the
+-- shop's roles need no privilege on the gancho schema.
+--
+-- Setting gancho.skip to 'on' in a session (set local gancho.skip = 'on')
+-- makes its writes invisible to gancho, so a receiver that writes back to a
+-- watched table does not start a loop of events.
+create or replace function gancho.capture() returns trigger
+language plpgsql
+security definer
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    source text := TG_ARGV[0];
+    key_columns text[] := TG_ARGV[1]::text[];
+    captured_columns text[] := TG_ARGV[2]::text[];
+    table_label text := TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME;
+    old_row jsonb;
+    new_row jsonb;
+    old_values jsonb;
+    new_values jsonb;
+    old_key jsonb;
+    new_key jsonb;
+begin
+    if current_setting('gancho.skip', true) = 'on' then
+        return null;
+    end if;
+
+    if TG_OP = 'TRUNCATE' then
+        insert into gancho.outbox (source, table_name, operation)
+        values (source, table_label, 'TRUNCATE');
+        perform pg_notify('gancho', '');
+        return null;
+    end if;
+
+    if TG_OP <> 'INSERT' then
+        old_row := to_jsonb(OLD);
+        select coalesce(jsonb_object_agg(c, old_row -> c), '{}') into old_values from unnest(captured_columns) c;
+        select jsonb_object_agg(c, old_row -> c) into old_key from unnest(key_columns) c;
+    end if;
+
+    if TG_OP <> 'DELETE' then
+        new_row := to_jsonb(NEW);
+        select coalesce(jsonb_object_agg(c, new_row -> c), '{}') into new_values from unnest(captured_columns) c;
+        select jsonb_object_agg(c, new_row -> c) into new_key from unnest(key_columns) c;
+    end if;
+
+    -- An update that changes no captured column and no key records nothing.
+    if TG_OP = 'UPDATE' and old_values = new_values and old_key = new_key then
+        return null;
+    end if;
+
+    insert into gancho.outbox (source, table_name, operation, key, old, new)
+    values (source, table_label, TG_OP, coalesce(new_key, old_key), old_values, new_values);
+
+    -- The payload is constant, so Postgres folds the notifications of one
+    -- transaction into one.
+    perform pg_notify('gancho', '');
+    return null;
+end
+$$;
+
+-- Remove the triggers of one source and forget it. Does nothing for an
+-- unknown source, and tolerates a table that no longer exists.
+create or replace function gancho.unwatch(source_name text) returns void
+language plpgsql
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    watched_row gancho.watched;
+    target regclass;
+begin
+    select * into watched_row from gancho.watched where source = source_name;
+    if not found then
+        return;
+    end if;
+
+    target := to_regclass(format('%I.%I', watched_row.table_schema, watched_row.table_name));
+    if target is not null then
+        execute format('drop trigger if exists %I on %s', 'gancho_' || source_name, target);
+        execute format('drop trigger if exists %I on %s', 'gancho_' || source_name || '_truncate', target);
+    end if;
+
+    delete from gancho.watched where source = source_name;
+end
+$$;
+
+-- Install (or reinstall) the capture triggers of one source on one table.
+-- Raises an error naming the column when a key or captured column does not
+-- exist, so a typo fails at install time, not silently at run time.
+create or replace function gancho.watch(source_name text, target regclass, key_columns text[], columns text[]) returns void
+language plpgsql
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    missing text;
+    schema_name text;
+    relation_name text;
+begin
+    if source_name !~ '^[a-z0-9_-]{1,50}$' then
+        raise exception 'invalid gancho source name "%"', source_name
+            using hint = 'Use 1 to 50 lowercase letters, digits, "_" or "-".';
+    end if;
+
+    if coalesce(cardinality(key_columns), 0) = 0 then
+        raise exception 'gancho source "%" has no key columns', source_name
+            using hint = 'Pass the primary key columns, for example ''{id}''.';
+    end if;
+
+    select c into missing
+    from unnest(key_columns || columns) c
+    where not exists (
+        select 1 from pg_attribute a
+        where a.attrelid = target and a.attname = c and a.attnum > 0 and not a.attisdropped
+    )
+    limit 1;
+    if missing is not null then
+        raise exception 'column "%" does not exist in table %', missing, target
+            using hint = 'Check the spelling and case of the column name in the gancho source "' || source_name || '".';
+    end if;
+
+    select n.nspname, c.relname into schema_name, relation_name
+    from pg_class c join pg_namespace n on n.oid = c.relnamespace
+    where c.oid = target;
+
+    perform gancho.unwatch(source_name);
+
+    execute format(
+        'create trigger %I after insert or update or delete on %s for each row execute function gancho.capture(%L, %L, %L)',
+        'gancho_' || source_name, target, source_name, key_columns, columns);
+    execute format(
+        'create trigger %I after truncate on %s for each statement execute function gancho.capture(%L, %L, %L)',
+        'gancho_' || source_name || '_truncate', target, source_name, key_columns, columns);
+
+    insert into gancho.watched (source, table_schema, table_name, key_columns, columns)
+    values (source_name, schema_name, relation_name, key_columns, columns);
+end
+$$;

@@ -1,0 +1,121 @@
+//! Connections to the shop's database: parsing the URL, the connection pool, and
+//! the one place that decides which database errors are worth a retry.
+
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::NoTls;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("invalid database URL (the value of database_url): {0}")]
+    InvalidUrl(#[source] tokio_postgres::Error),
+    #[error("cannot connect to Postgres")]
+    Connect(#[source] tokio_postgres::Error),
+    #[error("cannot build the connection pool")]
+    Pool(#[source] deadpool_postgres::BuildError),
+    #[error("no connection available from the pool")]
+    Checkout(#[source] deadpool_postgres::PoolError),
+    #[error("query failed")]
+    Query(#[from] tokio_postgres::Error),
+    #[error("gancho is not installed in this database; run `gancho install --config FILE` first")]
+    NotInstalled,
+    #[error("this database has gancho schema version {found}, but this gancho needs version {expected}; run `gancho install --config FILE` to upgrade")]
+    WrongSchemaVersion { found: String, expected: String },
+}
+
+/// The schema version that sql/gancho.sql records and this binary expects.
+pub const SCHEMA_VERSION: &str = "1";
+
+/// Parses a database URL and sets TCP keepalives, so a connection to a server
+/// that vanished without closing is noticed within about a minute instead of
+/// the operating system's two hours.
+pub fn parse_url(url: &str) -> Result<tokio_postgres::Config, DbError> {
+    let mut config: tokio_postgres::Config = url.parse().map_err(DbError::InvalidUrl)?;
+    config
+        .keepalives(true)
+        .keepalives_idle(Duration::from_secs(30))
+        .keepalives_interval(Duration::from_secs(10))
+        .keepalives_retries(3)
+        .connect_timeout(Duration::from_secs(10));
+    if config.get_application_name().is_none() {
+        config.application_name("gancho");
+    }
+    Ok(config)
+}
+
+/// Opens one connection and drives it on a spawned task.
+pub async fn connect(config: &tokio_postgres::Config) -> Result<tokio_postgres::Client, DbError> {
+    let (client, connection) = config.connect(NoTls).await.map_err(DbError::Connect)?;
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            tracing::debug!(error = %error, "database connection closed");
+        }
+    });
+    Ok(client)
+}
+
+pub fn pool(config: &tokio_postgres::Config, size: usize) -> Result<Pool, DbError> {
+    let manager = Manager::from_config(
+        config.clone(),
+        NoTls,
+        ManagerConfig { recycling_method: RecyclingMethod::Fast },
+    );
+    Pool::builder(manager)
+        .max_size(size)
+        .wait_timeout(Some(Duration::from_secs(30)))
+        .create_timeout(Some(Duration::from_secs(10)))
+        .runtime(deadpool_postgres::Runtime::Tokio1)
+        .build()
+        .map_err(DbError::Pool)
+}
+
+/// Fails with a clear message when the gancho schema is missing or of another version.
+pub async fn check_schema(client: &tokio_postgres::Client) -> Result<(), DbError> {
+    let row = client
+        .query_one("select to_regclass('gancho.meta') is not null", &[])
+        .await?;
+    if !row.get::<_, bool>(0) {
+        return Err(DbError::NotInstalled);
+    }
+    let version: Option<String> = client
+        .query_opt("select value from gancho.meta where key = 'schema_version'", &[])
+        .await?
+        .map(|row| row.get(0));
+    match version {
+        Some(found) if found == SCHEMA_VERSION => Ok(()),
+        Some(found) => Err(DbError::WrongSchemaVersion { found, expected: SCHEMA_VERSION.to_string() }),
+        None => Err(DbError::NotInstalled),
+    }
+}
+
+/// Whether an error is passing (the server restarting, a lost connection, a
+/// serialization conflict) so the same work should simply be tried again.
+pub fn is_transient(error: &tokio_postgres::Error) -> bool {
+    if error.is_closed() {
+        return true;
+    }
+    let Some(code) = error.code() else {
+        // No SQLSTATE means an I/O or protocol failure on the connection.
+        return true;
+    };
+    code == &SqlState::T_R_SERIALIZATION_FAILURE
+        || code == &SqlState::T_R_DEADLOCK_DETECTED
+        || code == &SqlState::ADMIN_SHUTDOWN
+        || code == &SqlState::CRASH_SHUTDOWN
+        || code == &SqlState::CANNOT_CONNECT_NOW
+        || code == &SqlState::QUERY_CANCELED
+        || code == &SqlState::LOCK_NOT_AVAILABLE
+        || code == &SqlState::TOO_MANY_CONNECTIONS
+        || code.code().starts_with("08")
+}
+
+/// Exponential backoff for reconnecting: 0.5 s doubling to 30 s, with up to
+/// a quarter of random jitter so replicas do not reconnect in step.
+pub fn reconnect_delay(failures: u32) -> Duration {
+    let base = Duration::from_millis(500).saturating_mul(1 << failures.min(6));
+    let capped = base.min(Duration::from_secs(30));
+    let jitter = capped.mul_f64(rand::random::<f64>() * 0.25);
+    capped + jitter
+}

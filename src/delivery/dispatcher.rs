@@ -1,0 +1,282 @@
+//! The dispatcher of one endpoint: claims due deliveries, sends them with at
+//! most `max_in_flight` requests at once, and records each attempt.
+//!
+//! Claiming takes a lease (`lease_until`) with `FOR UPDATE SKIP LOCKED`, so
+//! several sidecars share the work without sending a delivery twice, and a
+//! crashed sidecar's deliveries are taken over when its leases expire. Each
+//! claim also increments `attempts`; the result is only recorded while
+//! `attempts` still has the claimed value, which fences off a sidecar whose
+//! lease expired while its request was slow.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use deadpool_postgres::Pool;
+use tokio::sync::{Notify, Semaphore};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use super::retry::next_delay;
+use super::send::{http_client, send, AttemptResult, ClaimedDelivery};
+use crate::config::{Endpoint, SidecarSettings};
+use crate::db;
+
+pub struct Dispatcher {
+    endpoint: Arc<Endpoint>,
+    pool: Pool,
+    client: reqwest::Client,
+    settings: SidecarSettings,
+    wake: Arc<Notify>,
+    shutdown: CancellationToken,
+    /// Deliveries claimed and not yet recorded, released on shutdown.
+    claimed: Arc<Mutex<HashSet<i64>>>,
+}
+
+impl Dispatcher {
+    pub fn new(
+        endpoint: Arc<Endpoint>,
+        pool: Pool,
+        settings: SidecarSettings,
+        wake: Arc<Notify>,
+        shutdown: CancellationToken,
+    ) -> Dispatcher {
+        let client = http_client(&endpoint);
+        Dispatcher { endpoint, pool, client, settings, wake, shutdown, claimed: Arc::default() }
+    }
+
+    pub async fn run(self) {
+        let semaphore = Arc::new(Semaphore::new(self.endpoint.max_in_flight));
+        let mut in_flight = JoinSet::new();
+        let mut failures = 0u32;
+
+        loop {
+            if self.shutdown.is_cancelled() {
+                break;
+            }
+
+            // Claim as many deliveries as there are free request slots.
+            let free = semaphore.available_permits();
+            let mut claimed_count = 0;
+            let mut wait = self.settings.poll_interval;
+            if free > 0 {
+                match self.claim(free).await {
+                    Ok(deliveries) => {
+                        failures = 0;
+                        claimed_count = deliveries.len();
+                        for delivery in deliveries {
+                            let permit = Arc::clone(&semaphore)
+                                .try_acquire_owned()
+                                .expect("no more deliveries are claimed than there are free permits");
+                            let task = self.attempt_task(delivery);
+                            in_flight.spawn(async move {
+                                task.await;
+                                drop(permit);
+                            });
+                        }
+                        if claimed_count == 0 {
+                            wait = self.time_until_next_due().await.unwrap_or(wait).min(wait);
+                        }
+                    }
+                    Err(error) => {
+                        failures += 1;
+                        wait = db::reconnect_delay(failures);
+                        tracing::warn!(endpoint = %self.endpoint.name, error = %error, retry_in_ms = wait.as_millis() as u64, "claiming deliveries failed");
+                    }
+                }
+            }
+            if free > 0 && claimed_count == free {
+                continue;
+            }
+
+            tokio::select! {
+                biased;
+                _ = self.shutdown.cancelled() => break,
+                _ = self.wake.notified() => {}
+                Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+
+        self.drain(in_flight).await;
+    }
+
+    /// Lets requests in flight finish within the shutdown timeout, then
+    /// releases the leases of those that did not, so another sidecar or the
+    /// next start sends them at once instead of after the lease.
+    async fn drain(&self, mut in_flight: JoinSet<()>) {
+        let deadline = tokio::time::sleep(self.settings.shutdown_timeout);
+        tokio::pin!(deadline);
+        while !in_flight.is_empty() {
+            tokio::select! {
+                _ = &mut deadline => {
+                    tracing::warn!(endpoint = %self.endpoint.name, requests = in_flight.len(), "shutdown timeout reached; abandoning requests in flight");
+                    in_flight.abort_all();
+                    while in_flight.join_next().await.is_some() {}
+                    break;
+                }
+                _ = in_flight.join_next() => {}
+            }
+        }
+
+        let leftover: Vec<i64> = self.claimed.lock().expect("claimed set lock").drain().collect();
+        if leftover.is_empty() {
+            return;
+        }
+        let released = async {
+            let client = self.pool.get().await.map_err(|error| error.to_string())?;
+            client
+                .execute(
+                    "update gancho.delivery set lease_until = null, attempts = attempts - 1
+                     where id = any($1) and status = 'pending'",
+                    &[&leftover],
+                )
+                .await
+                .map_err(|error| error.to_string())
+        };
+        match released.await {
+            Ok(count) => tracing::info!(endpoint = %self.endpoint.name, deliveries = count, "released leases of unfinished deliveries"),
+            Err(error) => tracing::warn!(endpoint = %self.endpoint.name, error = %error, "could not release leases; they expire on their own"),
+        }
+    }
+
+    async fn claim(&self, limit: usize) -> Result<Vec<ClaimedDelivery>, db::DbError> {
+        let client = self.pool.get().await.map_err(db::DbError::Checkout)?;
+        let lease_ms = self.settings.lease.as_millis() as f64;
+        let rows = client
+            .query(
+                "with due as (
+                     select id from gancho.delivery
+                     where endpoint = $1 and status = 'pending' and next_attempt_at <= now()
+                       and (lease_until is null or lease_until < now())
+                     order by next_attempt_at, id
+                     limit $2
+                     for update skip locked
+                 )
+                 update gancho.delivery d
+                 set lease_until = now() + $3 * interval '1 millisecond', attempts = d.attempts + 1
+                 from due, gancho.event e
+                 where d.id = due.id and e.id = d.event_id
+                 returning d.id, d.webhook_id, d.attempts, e.id, e.type, e.data, e.occurred_at",
+                &[&self.endpoint.name, &(limit as i64), &lease_ms],
+            )
+            .await?;
+
+        let mut deliveries: Vec<ClaimedDelivery> = rows
+            .iter()
+            .map(|row| ClaimedDelivery {
+                id: row.get(0),
+                webhook_id: row.get(1),
+                attempt: row.get(2),
+                event_id: row.get(3),
+                event_type: row.get(4),
+                data: row.get(5),
+                occurred_at: row.get(6),
+            })
+            .collect();
+        deliveries.sort_by_key(|delivery| delivery.id);
+        self.claimed.lock().expect("claimed set lock").extend(deliveries.iter().map(|delivery| delivery.id));
+        Ok(deliveries)
+    }
+
+    async fn time_until_next_due(&self) -> Option<Duration> {
+        let client = self.pool.get().await.ok()?;
+        let row = client
+            .query_one(
+                "select (extract(epoch from min(next_attempt_at) - now()) * 1000)::bigint
+                 from gancho.delivery where endpoint = $1 and status = 'pending'",
+                &[&self.endpoint.name],
+            )
+            .await
+            .ok()?;
+        let millis: Option<i64> = row.get(0);
+        millis.map(|millis| Duration::from_millis(millis.clamp(10, i64::MAX) as u64))
+    }
+
+    /// Sends one delivery and records the attempt, inside a span with its ids.
+    fn attempt_task(&self, delivery: ClaimedDelivery) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let endpoint = Arc::clone(&self.endpoint);
+        let client = self.client.clone();
+        let pool = self.pool.clone();
+        let claimed = Arc::clone(&self.claimed);
+        let span = tracing::info_span!(
+            "delivery",
+            delivery_id = delivery.id,
+            event_id = delivery.event_id,
+            webhook_id = %delivery.webhook_id,
+            endpoint = %endpoint.name,
+            attempt = delivery.attempt,
+        );
+
+        async move {
+            let result = send(&client, &endpoint, &delivery).await;
+            let recorded = record(&pool, &endpoint, &delivery, &result).await;
+            claimed.lock().expect("claimed set lock").remove(&delivery.id);
+            if let Err(error) = recorded {
+                // The lease expires and the delivery is sent again: at least once, never lost.
+                tracing::warn!(error = %error, "could not record the attempt; the delivery will be retried after its lease");
+            }
+        }
+        .instrument(span)
+    }
+}
+
+/// Writes the attempt and the delivery's new status in one statement.
+async fn record(
+    pool: &Pool,
+    endpoint: &Endpoint,
+    delivery: &ClaimedDelivery,
+    result: &AttemptResult,
+) -> Result<(), db::DbError> {
+    let latency_ms = result.latency.as_secs_f64() * 1000.0;
+    let (status, delay) = if result.succeeded() {
+        tracing::info!(status = result.status_code, latency_ms, "delivered");
+        ("delivered", Duration::ZERO)
+    } else {
+        match next_delay(&endpoint.retry_schedule, delivery.attempt as u32) {
+            Some(delay) => {
+                tracing::warn!(status = result.status_code, error = result.error.as_deref().unwrap_or(""), retry_in_ms = delay.as_millis() as u64, "delivery attempt failed; will retry");
+                ("pending", delay)
+            }
+            None => {
+                tracing::error!(status = result.status_code, error = result.error.as_deref().unwrap_or(""), attempts = delivery.attempt, "delivery dead after its last attempt");
+                ("dead", Duration::ZERO)
+            }
+        }
+    };
+
+    let client = pool.get().await.map_err(db::DbError::Checkout)?;
+    let status_code = result.status_code.map(i32::from);
+    let delay_ms = delay.as_millis() as f64;
+    let updated = client
+        .execute(
+            "with attempt as (
+                 insert into gancho.attempt (delivery_id, attempt, started_at, status_code, latency_ms, error, response_body)
+                 values ($1, $2, $3, $4, $5, $6, $7)
+             )
+             update gancho.delivery
+             set status = $8,
+                 next_attempt_at = now() + $9 * interval '1 millisecond',
+                 lease_until = null,
+                 finished_at = case when $8 = 'pending' then null else now() end,
+                 last_error = $6
+             where id = $1 and attempts = $2",
+            &[
+                &delivery.id,
+                &delivery.attempt,
+                &result.started_at,
+                &status_code,
+                &latency_ms,
+                &result.error,
+                &result.response_body,
+                &status,
+                &delay_ms,
+            ],
+        )
+        .await?;
+    if updated == 0 {
+        tracing::warn!("the lease was taken over while the request ran; the other sidecar's result stands");
+    }
+    Ok(())
+}

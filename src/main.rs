@@ -1,0 +1,230 @@
+//! The `gancho` command line: parses arguments, loads the config, sets up
+//! logging and hands over to the library. Exit codes: 0 success, 1 failure,
+//! 2 invalid config or usage.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use gancho::config::Config;
+use gancho::operations::{check, deliveries};
+use gancho::{capture, db, demo, sidecar};
+
+#[derive(Parser)]
+#[command(name = "gancho", version, about = "Turns changes in a shop's Postgres tables into signed webhooks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args)]
+struct ConfigArgs {
+    /// Path of the TOML config file.
+    #[arg(long, short, env = "GANCHO_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the sidecar: capture events, evaluate rules, deliver webhooks.
+    Run(ConfigArgs),
+    /// Install or update the capture schema and triggers for a config.
+    Install {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Print the SQL instead of running it, for a DBA to review and run with psql.
+        #[arg(long)]
+        print: bool,
+    },
+    /// Remove the triggers and the gancho schema, with its history.
+    Uninstall {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Database to uninstall from, instead of the config's database_url.
+        #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+        database_url: Option<String>,
+    },
+    /// Validate a config against the live database.
+    Check(ConfigArgs),
+    /// List recent deliveries.
+    Deliveries {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Only deliveries with this status: pending, delivered or dead.
+        #[arg(long, value_parser = ["pending", "delivered", "dead"])]
+        status: Option<String>,
+        /// Only deliveries to this endpoint.
+        #[arg(long)]
+        endpoint: Option<String>,
+        /// Maximum number of deliveries listed, newest first.
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+    },
+    /// Queue deliveries again, keeping their webhook-id.
+    Redeliver {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Delivery ids, as `gancho deliveries` lists them.
+        ids: Vec<i64>,
+        /// Every dead delivery (of --endpoint, when given).
+        #[arg(long)]
+        dead: bool,
+        #[arg(long)]
+        endpoint: Option<String>,
+    },
+    /// Show the three jobs end to end on a demo shop, with nothing to set up.
+    Demo,
+    /// Print a new random signing secret (whsec_...).
+    Secret,
+}
+
+/// A failure and the exit code it maps to.
+struct Failure {
+    code: u8,
+    error: anyhow::Error,
+}
+
+impl<E: Into<anyhow::Error>> From<E> for Failure {
+    fn from(error: E) -> Failure {
+        let error = error.into();
+        let code = if error.downcast_ref::<gancho::config::ConfigError>().is_some() { 2 } else { 1 };
+        Failure { code, error }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("the Tokio runtime starts");
+    match runtime.block_on(execute(cli.command)) {
+        Ok(code) => code,
+        Err(failure) => {
+            eprintln!("error: {:#}", failure.error);
+            ExitCode::from(failure.code)
+        }
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("GANCHO_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+fn load(args: &ConfigArgs) -> Result<Config, Failure> {
+    let path: &Path = args.config.as_deref().ok_or(gancho::config::ConfigError::NoPath)?;
+    Ok(Config::load(path)?)
+}
+
+async fn execute(command: Command) -> Result<ExitCode, Failure> {
+    match command {
+        Command::Run(args) => {
+            let config = Arc::new(load(&args)?);
+            let shutdown = CancellationToken::new();
+            tokio::spawn(stop_on_signal(shutdown.clone()));
+            sidecar::run(config, shutdown).await?;
+        }
+        Command::Install { config, print } => {
+            let config = load(&config)?;
+            if print {
+                print!("{}", capture::install_script(&config));
+                return Ok(ExitCode::SUCCESS);
+            }
+            let mut client = db::connect(&db::parse_url(&config.database_url)?).await?;
+            capture::install(&mut client, &config).await?;
+            for source in &config.sources {
+                println!("watching {} as source \"{}\"", source.qualified_table(), source.name);
+            }
+            println!("gancho schema version {} installed", db::SCHEMA_VERSION);
+        }
+        Command::Uninstall { config, database_url } => {
+            let url = match database_url {
+                Some(url) => url,
+                None => load(&config)?.database_url,
+            };
+            let mut client = db::connect(&db::parse_url(&url)?).await?;
+            let sources = capture::uninstall(&mut client).await?;
+            for source in &sources {
+                println!("removed the triggers of source \"{source}\"");
+            }
+            println!("gancho schema removed");
+        }
+        Command::Check(args) => return run_check(&args).await,
+        Command::Deliveries { config, status, endpoint, limit } => {
+            let config = load(&config)?;
+            let client = db::connect(&db::parse_url(&config.database_url)?).await?;
+            let rows = deliveries::list(&client, status.as_deref(), endpoint.as_deref(), limit).await?;
+            println!("{:>8}  {:<36}  {:<18}  {:<24}  {:<9}  {:>8}  {:<25}  last error", "id", "webhook-id", "endpoint", "type", "status", "attempts", "created");
+            for row in rows {
+                println!(
+                    "{:>8}  {:<36}  {:<18}  {:<24}  {:<9}  {:>8}  {:<25}  {}",
+                    row.id,
+                    row.webhook_id,
+                    row.endpoint,
+                    row.event_type,
+                    row.status,
+                    row.attempts,
+                    row.created_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                    row.last_error.unwrap_or_default()
+                );
+            }
+        }
+        Command::Redeliver { config, ids, dead, endpoint } => {
+            if ids.is_empty() && !dead {
+                return Err(anyhow::anyhow!("name delivery ids or pass --dead; see `gancho deliveries --status dead`").into());
+            }
+            let config = load(&config)?;
+            let client = db::connect(&db::parse_url(&config.database_url)?).await?;
+            let queued = deliveries::redeliver(&client, &ids, dead, endpoint.as_deref()).await?;
+            println!("{} deliveries queued again: {:?}", queued.len(), queued);
+        }
+        Command::Demo => {
+            let url = std::env::var("DATABASE_URL").ok().filter(|url| !url.is_empty());
+            demo::run(url).await?;
+        }
+        Command::Secret => println!("{}", gancho::delivery::sign::generate_secret()),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn run_check(args: &ConfigArgs) -> Result<ExitCode, Failure> {
+    let config = load(args)?;
+    let client = db::connect(&db::parse_url(&config.database_url)?).await?;
+    let report = check::check(&client, &config).await?;
+    for warning in &report.warnings {
+        println!("warning: {warning}");
+    }
+    for error in &report.errors {
+        println!("error: {error}");
+    }
+    if report.errors.is_empty() {
+        println!(
+            "config ok: {} sources, {} rules, {} endpoints",
+            config.sources.len(),
+            config.rules.len(),
+            config.endpoints.len()
+        );
+        Ok(ExitCode::SUCCESS)
+    } else {
+        println!("{} problem(s) found", report.errors.len());
+        Ok(ExitCode::from(2))
+    }
+}
+
+/// Cancels `shutdown` on the first SIGTERM or SIGINT.
+async fn stop_on_signal(shutdown: CancellationToken) {
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("a SIGTERM handler can be installed");
+    tokio::select! {
+        _ = terminate.recv() => tracing::info!(signal = "SIGTERM", "stopping"),
+        _ = tokio::signal::ctrl_c() => tracing::info!(signal = "SIGINT", "stopping"),
+    }
+    shutdown.cancel();
+}

@@ -1,0 +1,356 @@
+//! The processor: turns outbox rows into events and deliveries.
+//!
+//! One transaction claims a batch of unprocessed outbox rows, evaluates every
+//! rule of their source, runs enrichment queries, writes the events, one
+//! delivery per event and matching endpoint, the rules' state, and marks the
+//! rows processed. Either all of that commits or none of it does, so a crash
+//! at any point loses nothing and duplicates nothing.
+//!
+//! A transaction-level advisory lock lets only one sidecar process the outbox
+//! at a time. Rule state (a threshold's rearm) then sees the changes of a row
+//! in order, since two changes of one row are serialised by the row lock and
+//! take their outbox ids in commit order.
+
+use std::collections::{BTreeSet, HashMap};
+
+use chrono::{DateTime, Utc};
+use serde_json::{Map, Value};
+use tokio_postgres::Transaction;
+
+use super::{enrich, evaluate, needs_state, Change, Operation, Row, RuleMatch, StateUpdate};
+use crate::config::{Config, Rule};
+
+/// The advisory lock key that serialises processors across sidecars. Any fixed
+/// number works; this one spells "gancho" in ASCII.
+const PROCESSOR_LOCK: i64 = 0x67_61_6e_63_68_6f;
+
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct BatchOutcome {
+    /// Outbox rows consumed.
+    pub changes: usize,
+    pub events: usize,
+    pub deliveries: usize,
+    /// Endpoints that received new deliveries, so their dispatchers can be woken.
+    pub endpoints: BTreeSet<String>,
+    /// Whether another sidecar held the processor lock.
+    pub busy: bool,
+}
+
+/// An event ready to insert, with the endpoints that take it.
+struct PendingEvent {
+    outbox_id: i64,
+    rule: String,
+    event_type: String,
+    data: Value,
+    occurred_at: DateTime<Utc>,
+    endpoints: Vec<String>,
+    ordering_key: String,
+}
+
+pub struct Processor {
+    config: std::sync::Arc<Config>,
+}
+
+impl Processor {
+    pub fn new(config: std::sync::Arc<Config>) -> Processor {
+        Processor { config }
+    }
+
+    /// Processes up to `batch_size` outbox rows in one transaction.
+    pub async fn process_batch(&self, client: &mut tokio_postgres::Client) -> Result<BatchOutcome, tokio_postgres::Error> {
+        let transaction = client.transaction().await?;
+        let locked: bool = transaction
+            .query_one("select pg_try_advisory_xact_lock($1)", &[&PROCESSOR_LOCK])
+            .await?
+            .get(0);
+        if !locked {
+            return Ok(BatchOutcome { busy: true, ..BatchOutcome::default() });
+        }
+        let timeout_ms = self.config.sidecar.enrich_timeout.as_millis();
+        transaction.batch_execute(&format!("set local statement_timeout = {timeout_ms}")).await?;
+
+        // Claim the oldest unprocessed rows. Rows of transactions that are still
+        // open are invisible here and are taken by a later batch once committed.
+        let rows = transaction
+            .query(
+                "select id, source, table_name, operation, key, old, new, changed_at
+                 from gancho.outbox where processed_at is null order by id limit $1",
+                &[&self.config.sidecar.batch_size],
+            )
+            .await?;
+        if rows.is_empty() {
+            return Ok(BatchOutcome::default());
+        }
+        let ids: Vec<i64> = rows.iter().map(|row| row.get(0)).collect();
+        let changes: Vec<Change> = rows.iter().filter_map(parse_change).collect();
+
+        // Evaluate every rule in outbox order, carrying rule state between changes of one row.
+        let mut states = load_states(&transaction, &self.config.rules, &changes).await?;
+        let mut dirty_states: BTreeSet<(String, String)> = BTreeSet::new();
+        let mut events = Vec::new();
+        for change in &changes {
+            if change.operation == Operation::Truncate {
+                tracing::warn!(change_id = change.id, table = %change.table, "watched table truncated; rules do not see the removed rows");
+                continue;
+            }
+            for rule in self.config.rules.iter().filter(|rule| rule.source == change.source) {
+                let state_key = (rule.name.clone(), change.key.to_string());
+                let state = states.get(&state_key).and_then(|state| state.as_deref());
+                let (found, update) = evaluate(rule, change, state);
+
+                match update {
+                    StateUpdate::Keep => {}
+                    StateUpdate::Set(value) => {
+                        states.insert(state_key.clone(), Some(value.to_string()));
+                        dirty_states.insert(state_key);
+                    }
+                    StateUpdate::Clear => {
+                        states.insert(state_key.clone(), None);
+                        dirty_states.insert(state_key);
+                    }
+                }
+                if let Some(found) = found {
+                    events.push(self.build_event(&transaction, rule, change, found).await?);
+                }
+            }
+        }
+
+        // Record the results, then mark the batch consumed, all in this transaction.
+        let mut outcome = BatchOutcome { changes: ids.len(), events: events.len(), ..BatchOutcome::default() };
+        for event in &events {
+            outcome.deliveries += event.endpoints.len();
+            outcome.endpoints.extend(event.endpoints.iter().cloned());
+        }
+        insert_events(&transaction, &events).await?;
+        save_states(&transaction, &states, &dirty_states).await?;
+        transaction
+            .execute("update gancho.outbox set processed_at = now() where id = any($1)", &[&ids])
+            .await?;
+        transaction.commit().await?;
+
+        for event in &events {
+            tracing::debug!(change_id = event.outbox_id, rule = %event.rule, event_type = %event.event_type, endpoints = event.endpoints.len(), "event recorded");
+        }
+        Ok(outcome)
+    }
+
+    async fn build_event(
+        &self,
+        transaction: &Transaction<'_>,
+        rule: &Rule,
+        change: &Change,
+        found: RuleMatch,
+    ) -> Result<PendingEvent, tokio_postgres::Error> {
+        let mut data = Map::new();
+        data.insert("rule".into(), Value::String(rule.name.clone()));
+        data.insert("source".into(), Value::String(change.source.clone()));
+        data.insert("table".into(), Value::String(change.table.clone()));
+        data.insert("operation".into(), Value::String(change.operation.as_str().into()));
+        data.insert("key".into(), change.key.clone());
+        data.insert("old".into(), change.old.clone().map(Value::Object).unwrap_or(Value::Null));
+        data.insert("new".into(), change.new.clone().map(Value::Object).unwrap_or(Value::Null));
+        data.insert("changed_at".into(), Value::String(change.changed_at.to_rfc3339()));
+        data.insert("change_id".into(), Value::from(change.id));
+        data.extend(found.details);
+
+        let errors = self.enrich(transaction, rule, change, &mut data).await?;
+        if !errors.is_empty() {
+            data.insert("errors".into(), Value::Object(errors));
+        }
+
+        let endpoints = self
+            .config
+            .endpoints
+            .iter()
+            .filter(|endpoint| endpoint.accepts(&found.event_type))
+            .map(|endpoint| endpoint.name.clone())
+            .collect();
+        Ok(PendingEvent {
+            outbox_id: change.id,
+            rule: rule.name.clone(),
+            event_type: found.event_type,
+            data: Value::Object(data),
+            occurred_at: change.changed_at,
+            endpoints,
+            ordering_key: format!("{}:{}", change.source, change.key),
+        })
+    }
+
+    /// Runs the rule's enrichment queries, each behind a savepoint, so a failing
+    /// query costs only its own result. Its error goes into `data.errors`
+    /// instead of holding back the event. A lost connection is returned as an
+    /// error, so the whole batch is retried.
+    async fn enrich(
+        &self,
+        transaction: &Transaction<'_>,
+        rule: &Rule,
+        change: &Change,
+        data: &mut Map<String, Value>,
+    ) -> Result<Map<String, Value>, tokio_postgres::Error> {
+        let mut errors = Map::new();
+        if rule.enrich.is_empty() {
+            return Ok(errors);
+        }
+        let mut row: Row = change.key.as_object().cloned().unwrap_or_default();
+        if let Some(current) = change.current_row() {
+            row.extend(current.clone());
+        }
+
+        for enrichment in &rule.enrich {
+            transaction.batch_execute("savepoint gancho_enrich").await?;
+            match enrich::run(transaction, enrichment, &row).await {
+                Ok(rows) => {
+                    transaction.batch_execute("release savepoint gancho_enrich").await?;
+                    data.insert(enrichment.name.clone(), Value::Array(rows));
+                }
+                Err(error) if error.code().is_none() || error.is_closed() => return Err(error),
+                Err(error) => {
+                    transaction.batch_execute("rollback to savepoint gancho_enrich").await?;
+                    let message = error.as_db_error().map(|db| db.message().to_string()).unwrap_or_else(|| error.to_string());
+                    tracing::warn!(rule = %rule.name, enrichment = %enrichment.name, change_id = change.id, error = %message, "enrichment query failed; the event is sent without its result");
+                    data.insert(enrichment.name.clone(), Value::Null);
+                    errors.insert(enrichment.name.clone(), Value::String(message));
+                }
+            }
+        }
+        Ok(errors)
+    }
+}
+
+fn parse_change(row: &tokio_postgres::Row) -> Option<Change> {
+    let id: i64 = row.get(0);
+    let operation_text: String = row.get(3);
+    let Some(operation) = Operation::parse(&operation_text) else {
+        tracing::warn!(change_id = id, operation = %operation_text, "outbox row with an unknown operation skipped");
+        return None;
+    };
+    let as_row = |value: Option<Value>| match value {
+        Some(Value::Object(map)) => Some(map),
+        _ => None,
+    };
+    Some(Change {
+        id,
+        source: row.get(1),
+        table: row.get(2),
+        operation,
+        key: row.get::<_, Option<Value>>(4).unwrap_or(Value::Null),
+        old: as_row(row.get(5)),
+        new: as_row(row.get(6)),
+        changed_at: row.get(7),
+    })
+}
+
+type StateMap = HashMap<(String, String), Option<String>>;
+
+async fn load_states(transaction: &Transaction<'_>, rules: &[Rule], changes: &[Change]) -> Result<StateMap, tokio_postgres::Error> {
+    let stateful: Vec<&Rule> = rules.iter().filter(|rule| needs_state(rule)).collect();
+    let mut states = StateMap::new();
+    if stateful.is_empty() {
+        return Ok(states);
+    }
+
+    let rule_names: Vec<String> = stateful.iter().map(|rule| rule.name.clone()).collect();
+    let keys: Vec<Value> = changes
+        .iter()
+        .filter(|change| stateful.iter().any(|rule| rule.source == change.source))
+        .map(|change| change.key.clone())
+        .collect();
+    if keys.is_empty() {
+        return Ok(states);
+    }
+
+    let rows = transaction
+        .query(
+            "select rule, key, state from gancho.rule_state where rule = any($1) and key = any($2)",
+            &[&rule_names, &keys],
+        )
+        .await?;
+    for row in rows {
+        let key: Value = row.get(1);
+        states.insert((row.get(0), key.to_string()), Some(row.get(2)));
+    }
+    Ok(states)
+}
+
+async fn save_states(
+    transaction: &Transaction<'_>,
+    states: &StateMap,
+    dirty: &BTreeSet<(String, String)>,
+) -> Result<(), tokio_postgres::Error> {
+    let (mut set_rules, mut set_keys, mut set_values) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut clear_rules, mut clear_keys) = (Vec::new(), Vec::new());
+    for state_key in dirty {
+        let (rule, key_text) = state_key;
+        let key: Value = serde_json::from_str(key_text).expect("state keys are serialised JSON values");
+        match states.get(state_key).cloned().flatten() {
+            Some(value) => {
+                set_rules.push(rule.clone());
+                set_keys.push(key);
+                set_values.push(value);
+            }
+            None => {
+                clear_rules.push(rule.clone());
+                clear_keys.push(key);
+            }
+        }
+    }
+
+    if !set_rules.is_empty() {
+        transaction
+            .execute(
+                "insert into gancho.rule_state (rule, key, state)
+                 select * from unnest($1::text[], $2::jsonb[], $3::text[])
+                 on conflict (rule, key) do update set state = excluded.state, updated_at = now()",
+                &[&set_rules, &set_keys, &set_values],
+            )
+            .await?;
+    }
+    if !clear_rules.is_empty() {
+        transaction
+            .execute(
+                "delete from gancho.rule_state s using unnest($1::text[], $2::jsonb[]) as cleared (rule, key)
+                 where s.rule = cleared.rule and s.key = cleared.key",
+                &[&clear_rules, &clear_keys],
+            )
+            .await?;
+    }
+    Ok(())
+}
+
+async fn insert_events(transaction: &Transaction<'_>, events: &[PendingEvent]) -> Result<(), tokio_postgres::Error> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    let outbox_ids: Vec<i64> = events.iter().map(|event| event.outbox_id).collect();
+    let rules: Vec<&str> = events.iter().map(|event| event.rule.as_str()).collect();
+    let types: Vec<&str> = events.iter().map(|event| event.event_type.as_str()).collect();
+    let data: Vec<&Value> = events.iter().map(|event| &event.data).collect();
+    let occurred: Vec<DateTime<Utc>> = events.iter().map(|event| event.occurred_at).collect();
+    // Endpoint names contain no comma (config validation), so a joined list is safe.
+    let endpoints: Vec<String> = events.iter().map(|event| event.endpoints.join(",")).collect();
+    let ordering_keys: Vec<&str> = events.iter().map(|event| event.ordering_key.as_str()).collect();
+
+    // One statement writes the events and their deliveries. The join back to
+    // the input is on (outbox_id, rule), which is unique because a rule emits
+    // at most one event per change.
+    transaction
+        .execute(
+            "with input as (
+                 select * from unnest($1::bigint[], $2::text[], $3::text[], $4::jsonb[], $5::timestamptz[], $6::text[], $7::text[])
+                     as input (outbox_id, rule, type, data, occurred_at, endpoints, ordering_key)
+             ), inserted as (
+                 insert into gancho.event (outbox_id, rule, type, data, occurred_at)
+                 select outbox_id, rule, type, data, occurred_at from input
+                 returning id, outbox_id, rule
+             )
+             insert into gancho.delivery (event_id, endpoint, ordering_key)
+             select inserted.id, endpoint, input.ordering_key
+             from inserted
+             join input on input.outbox_id = inserted.outbox_id and input.rule = inserted.rule
+             cross join lateral unnest(string_to_array(input.endpoints, ',')) as endpoint
+             order by inserted.id, endpoint",
+            &[&outbox_ids, &rules, &types, &data, &occurred, &endpoints, &ordering_keys],
+        )
+        .await?;
+    Ok(())
+}

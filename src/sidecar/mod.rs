@@ -1,0 +1,204 @@
+//! The sidecar behind `gancho run`: one LISTEN connection, a small pool, the
+//! processor and one dispatcher per endpoint, all stopped by one token.
+
+pub mod listener;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::db::{self, DbError};
+use crate::delivery::Dispatcher;
+use crate::rules::processor::Processor;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SidecarError {
+    #[error(transparent)]
+    Database(#[from] DbError),
+}
+
+/// Runs until `shutdown` is cancelled, then stops claiming work and lets
+/// requests in flight finish within the configured shutdown timeout.
+pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(), SidecarError> {
+    let pg_config = db::parse_url(&config.database_url)?;
+
+    // Wait for Postgres, which may start after the sidecar (as in docker compose).
+    let Some(client) = connect_with_retry(&pg_config, &shutdown).await else {
+        return Ok(());
+    };
+    db::check_schema(&client).await?;
+    warn_about_install_drift(&client, &config).await;
+    drop(client);
+    for warning in &config.warnings {
+        tracing::warn!(key = %warning.key, "{}", warning.message);
+    }
+
+    let pool = db::pool(&pg_config, config.sidecar.pool_size)?;
+    let processor_wake = Arc::new(Notify::new());
+    let endpoint_wakes: HashMap<String, Arc<Notify>> = config
+        .endpoints
+        .iter()
+        .map(|endpoint| (endpoint.name.clone(), Arc::new(Notify::new())))
+        .collect();
+
+    let mut tasks = JoinSet::new();
+    tasks.spawn(listener::run(pg_config.clone(), Arc::clone(&processor_wake), shutdown.clone()));
+    tasks.spawn(process_loop(
+        Arc::clone(&config),
+        pool.clone(),
+        Arc::clone(&processor_wake),
+        endpoint_wakes.clone(),
+        shutdown.clone(),
+    ));
+    for endpoint in &config.endpoints {
+        let dispatcher = Dispatcher::new(
+            Arc::new(endpoint.clone()),
+            pool.clone(),
+            config.sidecar.clone(),
+            Arc::clone(&endpoint_wakes[&endpoint.name]),
+            shutdown.clone(),
+        );
+        tasks.spawn(dispatcher.run());
+    }
+    tracing::info!(
+        sources = config.sources.len(),
+        rules = config.rules.len(),
+        endpoints = config.endpoints.len(),
+        "gancho started"
+    );
+
+    // A task that panics takes the sidecar down, so a supervisor restarts it
+    // instead of it running on with a part missing.
+    while let Some(joined) = tasks.join_next().await {
+        if let Err(error) = joined {
+            tracing::error!(error = %error, "a sidecar task failed; shutting down");
+            shutdown.cancel();
+        }
+    }
+    pool.close();
+    tracing::info!("gancho stopped");
+    Ok(())
+}
+
+async fn connect_with_retry(
+    pg_config: &tokio_postgres::Config,
+    shutdown: &CancellationToken,
+) -> Option<tokio_postgres::Client> {
+    let mut failures = 0u32;
+    loop {
+        match db::connect(pg_config).await {
+            Ok(client) => return Some(client),
+            Err(error) => {
+                failures += 1;
+                let delay = db::reconnect_delay(failures);
+                tracing::warn!(error = %error_chain(&error), attempt = failures, retry_in_ms = delay.as_millis() as u64, "cannot reach Postgres; retrying");
+                tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => return None,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    }
+}
+
+/// Warns when the installed triggers do not capture what the config expects,
+/// which happens when the config changed after `gancho install`.
+async fn warn_about_install_drift(client: &tokio_postgres::Client, config: &Config) {
+    let rows = match client
+        .query("select source, table_schema, table_name, key_columns, columns from gancho.watched", &[])
+        .await
+    {
+        Ok(rows) => rows,
+        Err(error) => {
+            tracing::warn!(error = %error, "cannot read gancho.watched");
+            return;
+        }
+    };
+    let installed: HashMap<String, (String, String, Vec<String>, Vec<String>)> = rows
+        .iter()
+        .map(|row| (row.get(0), (row.get(1), row.get(2), row.get(3), row.get(4))))
+        .collect();
+
+    for source in &config.sources {
+        let expected = (source.schema.clone(), source.table.clone(), source.key.clone(), source.columns.clone());
+        match installed.get(&source.name) {
+            None => tracing::warn!(source = %source.name, "source has no triggers; run `gancho install --config FILE`"),
+            Some(found) if *found != expected => tracing::warn!(
+                source = %source.name,
+                "installed triggers differ from the config; run `gancho install --config FILE` to update them"
+            ),
+            Some(_) => {}
+        }
+    }
+}
+
+/// Processes the outbox whenever woken, and every poll interval in case a
+/// notification was missed.
+async fn process_loop(
+    config: Arc<Config>,
+    pool: deadpool_postgres::Pool,
+    wake: Arc<Notify>,
+    endpoint_wakes: HashMap<String, Arc<Notify>>,
+    shutdown: CancellationToken,
+) {
+    let processor = Processor::new(Arc::clone(&config));
+    let mut failures = 0u32;
+    loop {
+        let mut wait = config.sidecar.poll_interval;
+
+        // Drain the outbox batch by batch, waking dispatchers after each commit.
+        while !shutdown.is_cancelled() {
+            let result = async {
+                let mut client = pool.get().await.map_err(DbError::Checkout)?;
+                processor.process_batch(&mut client).await.map_err(DbError::Query)
+            }
+            .await;
+            match result {
+                Ok(outcome) => {
+                    failures = 0;
+                    for endpoint in &outcome.endpoints {
+                        if let Some(notify) = endpoint_wakes.get(endpoint) {
+                            notify.notify_one();
+                        }
+                    }
+                    if outcome.changes > 0 {
+                        tracing::debug!(changes = outcome.changes, events = outcome.events, deliveries = outcome.deliveries, "outbox batch processed");
+                    }
+                    if outcome.changes < config.sidecar.batch_size as usize {
+                        break;
+                    }
+                }
+                Err(error) => {
+                    failures += 1;
+                    wait = db::reconnect_delay(failures);
+                    tracing::warn!(error = %error_chain(&error), retry_in_ms = wait.as_millis() as u64, "processing the outbox failed; retrying");
+                    break;
+                }
+            }
+        }
+
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return,
+            _ = wake.notified() => {}
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+/// Formats an error with all its causes on one line, for logs.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(inner) = cause {
+        text.push_str(": ");
+        text.push_str(&inner.to_string());
+        cause = inner.source();
+    }
+    text
+}
