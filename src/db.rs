@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
-use tokio_postgres::error::SqlState;
 use tokio_postgres::NoTls;
+use tokio_postgres::error::SqlState;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
@@ -21,7 +21,9 @@ pub enum DbError {
     Query(#[from] tokio_postgres::Error),
     #[error("gancho is not installed in this database; run `gancho install --config FILE` first")]
     NotInstalled,
-    #[error("this database has gancho schema version {found}, but this gancho needs version {expected}; run `gancho install --config FILE` to upgrade")]
+    #[error(
+        "this database has gancho schema version {found}, but this gancho needs version {expected}; run `gancho install --config FILE` to upgrade"
+    )]
     WrongSchemaVersion { found: String, expected: String },
 }
 
@@ -39,6 +41,10 @@ pub fn parse_url(url: &str) -> Result<tokio_postgres::Config, DbError> {
         .keepalives_interval(Duration::from_secs(10))
         .keepalives_retries(3)
         .connect_timeout(Duration::from_secs(10));
+    // Timestamps in payloads and enrichment results are written in UTC,
+    // whatever the server's default time zone.
+    let options = format!("{} -c TimeZone=UTC", config.get_options().unwrap_or_default());
+    config.options(options.trim());
     if config.get_application_name().is_none() {
         config.application_name("gancho");
     }
@@ -60,7 +66,9 @@ pub fn pool(config: &tokio_postgres::Config, size: usize) -> Result<Pool, DbErro
     let manager = Manager::from_config(
         config.clone(),
         NoTls,
-        ManagerConfig { recycling_method: RecyclingMethod::Fast },
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
     );
     Pool::builder(manager)
         .max_size(size)
@@ -85,7 +93,10 @@ pub async fn check_schema(client: &tokio_postgres::Client) -> Result<(), DbError
         .map(|row| row.get(0));
     match version {
         Some(found) if found == SCHEMA_VERSION => Ok(()),
-        Some(found) => Err(DbError::WrongSchemaVersion { found, expected: SCHEMA_VERSION.to_string() }),
+        Some(found) => Err(DbError::WrongSchemaVersion {
+            found,
+            expected: SCHEMA_VERSION.to_string(),
+        }),
         None => Err(DbError::NotInstalled),
     }
 }

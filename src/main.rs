@@ -14,7 +14,11 @@ use gancho::operations::{check, deliveries};
 use gancho::{capture, db, demo, sidecar};
 
 #[derive(Parser)]
-#[command(name = "gancho", version, about = "Turns changes in a shop's Postgres tables into signed webhooks")]
+#[command(
+    name = "gancho",
+    version,
+    about = "Turns changes in a shop's Postgres tables into signed webhooks"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -90,14 +94,24 @@ struct Failure {
 impl<E: Into<anyhow::Error>> From<E> for Failure {
     fn from(error: E) -> Failure {
         let error = error.into();
-        let code = if error.downcast_ref::<gancho::config::ConfigError>().is_some() { 2 } else { 1 };
+        let code = if error.downcast_ref::<gancho::config::ConfigError>().is_some() {
+            2
+        } else {
+            1
+        };
         Failure { code, error }
     }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing();
+    // The demo prints its own story; its logs would only interleave with it.
+    let default_filter = if matches!(cli.command, Command::Demo) {
+        "warn"
+    } else {
+        "info,tokio_postgres=warn"
+    };
+    init_tracing(default_filter);
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -112,10 +126,14 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_tracing() {
+/// Logs to stderr; GANCHO_LOG takes the usual filter syntax (`debug`, `gancho=debug`).
+fn init_tracing(default_filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("GANCHO_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 fn load(args: &ConfigArgs) -> Result<Config, Failure> {
@@ -157,11 +175,19 @@ async fn execute(command: Command) -> Result<ExitCode, Failure> {
             println!("gancho schema removed");
         }
         Command::Check(args) => return run_check(&args).await,
-        Command::Deliveries { config, status, endpoint, limit } => {
+        Command::Deliveries {
+            config,
+            status,
+            endpoint,
+            limit,
+        } => {
             let config = load(&config)?;
             let client = db::connect(&db::parse_url(&config.database_url)?).await?;
             let rows = deliveries::list(&client, status.as_deref(), endpoint.as_deref(), limit).await?;
-            println!("{:>8}  {:<36}  {:<18}  {:<24}  {:<9}  {:>8}  {:<25}  last error", "id", "webhook-id", "endpoint", "type", "status", "attempts", "created");
+            println!(
+                "{:>8}  {:<36}  {:<18}  {:<24}  {:<9}  {:>8}  {:<25}  last error",
+                "id", "webhook-id", "endpoint", "type", "status", "attempts", "created"
+            );
             for row in rows {
                 println!(
                     "{:>8}  {:<36}  {:<18}  {:<24}  {:<9}  {:>8}  {:<25}  {}",
@@ -176,9 +202,16 @@ async fn execute(command: Command) -> Result<ExitCode, Failure> {
                 );
             }
         }
-        Command::Redeliver { config, ids, dead, endpoint } => {
+        Command::Redeliver {
+            config,
+            ids,
+            dead,
+            endpoint,
+        } => {
             if ids.is_empty() && !dead {
-                return Err(anyhow::anyhow!("name delivery ids or pass --dead; see `gancho deliveries --status dead`").into());
+                return Err(
+                    anyhow::anyhow!("name delivery ids or pass --dead; see `gancho deliveries --status dead`").into(),
+                );
             }
             let config = load(&config)?;
             let client = db::connect(&db::parse_url(&config.database_url)?).await?;

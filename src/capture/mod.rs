@@ -27,7 +27,11 @@ pub fn install_script(config: &Config) -> String {
     }
 
     let names: Vec<String> = config.sources.iter().map(|source| sql_literal(&source.name)).collect();
-    let keep = if names.is_empty() { "array[]::text[]".to_string() } else { format!("array[{}]", names.join(", ")) };
+    let keep = if names.is_empty() {
+        "array[]::text[]".to_string()
+    } else {
+        format!("array[{}]", names.join(", "))
+    };
     script.push_str(&format!(
         "select gancho.unwatch(source) from gancho.watched where source <> all ({keep});\n"
     ));

@@ -41,13 +41,13 @@ pub fn parse_duration(text: &str) -> Option<Duration> {
 /// Formats a duration the way the config file writes it, for messages.
 pub fn format_duration(duration: Duration) -> String {
     let millis = duration.as_millis();
-    if millis % 1000 != 0 {
+    if !millis.is_multiple_of(1000) {
         return format!("{millis}ms");
     }
     let seconds = duration.as_secs();
-    if seconds % 3600 == 0 && seconds > 0 {
+    if seconds.is_multiple_of(3600) && seconds > 0 {
         format!("{}h", seconds / 3600)
-    } else if seconds % 60 == 0 && seconds > 0 {
+    } else if seconds.is_multiple_of(60) && seconds > 0 {
         format!("{}m", seconds / 60)
     } else {
         format!("{seconds}s")

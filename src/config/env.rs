@@ -70,8 +70,15 @@ mod tests {
 
     #[test]
     fn reports_unset_and_malformed_references() {
-        assert_eq!(expand("${MISSING}", &lookup).unwrap_err(), "environment variable MISSING is not set");
+        assert_eq!(
+            expand("${MISSING}", &lookup).unwrap_err(),
+            "environment variable MISSING is not set"
+        );
         assert!(expand("${SECRET", &lookup).unwrap_err().contains("unclosed"));
-        assert!(expand("${BAD NAME}", &lookup).unwrap_err().contains("invalid variable name"));
+        assert!(
+            expand("${BAD NAME}", &lookup)
+                .unwrap_err()
+                .contains("invalid variable name")
+        );
     }
 }

@@ -18,8 +18,21 @@ pub use env::expand;
 
 /// Names that an enrichment may not take because the payload's `data` uses them.
 pub const RESERVED_DATA_FIELDS: &[&str] = &[
-    "rule", "source", "table", "operation", "key", "old", "new", "changed_at", "change_id", "value",
-    "limit", "from", "to", "shift_seconds", "errors",
+    "rule",
+    "source",
+    "table",
+    "operation",
+    "key",
+    "old",
+    "new",
+    "changed_at",
+    "change_id",
+    "value",
+    "limit",
+    "from",
+    "to",
+    "shift_seconds",
+    "errors",
 ];
 
 #[derive(Debug, Clone)]
@@ -294,24 +307,35 @@ pub enum ConfigError {
 }
 
 fn format_problems(problems: &[Problem]) -> String {
-    problems.iter().map(|problem| format!("  - {problem}")).collect::<Vec<_>>().join("\n")
+    problems
+        .iter()
+        .map(|problem| format!("  - {problem}"))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 impl Config {
     /// Reads, substitutes and validates a config file, taking `${VAR}` from the
     /// process environment.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
         Config::parse(&text, path, &|name| std::env::var(name).ok())
     }
 
     /// Validates config text. `path` is only used in messages; `lookup` supplies
     /// the environment variables.
     pub fn parse(text: &str, path: &Path, lookup: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
-        let raw: raw::RawConfig =
-            toml::from_str(text).map_err(|source| ConfigError::Syntax { path: path.to_owned(), source })?;
-        validate::validate(raw, lookup).map_err(|problems| ConfigError::Invalid { path: path.to_owned(), problems })
+        let raw: raw::RawConfig = toml::from_str(text).map_err(|source| ConfigError::Syntax {
+            path: path.to_owned(),
+            source,
+        })?;
+        validate::validate(raw, lookup).map_err(|problems| ConfigError::Invalid {
+            path: path.to_owned(),
+            problems,
+        })
     }
 
     pub fn source(&self, name: &str) -> Option<&Source> {
@@ -347,9 +371,15 @@ pub fn glob_match(pattern: &str, text: &str) -> bool {
 /// Quotes an SQL identifier when it needs quotes.
 pub fn quote_identifier(name: &str) -> String {
     let plain = name.chars().next().is_some_and(|c| c.is_ascii_lowercase() || c == '_')
-        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
         && !is_reserved_word(name);
-    if plain { name.to_string() } else { format!("\"{}\"", name.replace('"', "\"\"")) }
+    if plain {
+        name.to_string()
+    } else {
+        format!("\"{}\"", name.replace('"', "\"\""))
+    }
 }
 
 /// A short list of words that Postgres reserves and shops use as table or
@@ -357,13 +387,68 @@ pub fn quote_identifier(name: &str) -> String {
 /// not be complete for correctness, only for readable output.
 fn is_reserved_word(name: &str) -> bool {
     const RESERVED: &[&str] = &[
-        "all", "and", "any", "array", "as", "asc", "case", "cast", "check", "collate", "column", "constraint",
-        "create", "default", "desc", "distinct", "do", "else", "end", "except", "false", "fetch", "for",
-        "foreign", "from", "grant", "group", "having", "in", "into", "intersect", "leading", "limit", "not",
-        "null", "offset", "on", "only", "or", "order", "primary", "references", "select", "table", "then",
-        "to", "true", "union", "unique", "user", "using", "when", "where", "window", "with",
+        "all",
+        "and",
+        "any",
+        "array",
+        "as",
+        "asc",
+        "case",
+        "cast",
+        "check",
+        "collate",
+        "column",
+        "constraint",
+        "create",
+        "default",
+        "desc",
+        "distinct",
+        "do",
+        "else",
+        "end",
+        "except",
+        "false",
+        "fetch",
+        "for",
+        "foreign",
+        "from",
+        "grant",
+        "group",
+        "having",
+        "in",
+        "into",
+        "intersect",
+        "leading",
+        "limit",
+        "not",
+        "null",
+        "offset",
+        "on",
+        "only",
+        "or",
+        "order",
+        "primary",
+        "references",
+        "select",
+        "table",
+        "then",
+        "to",
+        "true",
+        "union",
+        "unique",
+        "user",
+        "using",
+        "when",
+        "where",
+        "window",
+        "with",
     ];
     RESERVED.contains(&name)
+}
+
+/// Decodes the key of a `whsec_<base64>` secret, as the config accepts it.
+pub fn parse_secret_text(text: &str) -> Result<Vec<u8>, String> {
+    validate::decode_secret(text)
 }
 
 #[cfg(test)]
@@ -397,9 +482,4 @@ mod tests {
         let secret = Secret::from_key(b"abcdefghijklmnopqrstuvwx".to_vec());
         assert_eq!(format!("{secret:?}"), "whsec_********");
     }
-}
-
-/// Decodes the key of a `whsec_<base64>` secret, as the config accepts it.
-pub fn parse_secret_text(text: &str) -> Result<Vec<u8>, String> {
-    validate::decode_secret(text)
 }

@@ -29,20 +29,32 @@ struct Problems {
 
 impl Problems {
     fn error(&mut self, key: impl Into<String>, message: impl Into<String>) {
-        self.errors.push(Problem { key: key.into(), message: message.into() });
+        self.errors.push(Problem {
+            key: key.into(),
+            message: message.into(),
+        });
     }
 
     fn warn(&mut self, key: impl Into<String>, message: impl Into<String>) {
-        self.warnings.push(Problem { key: key.into(), message: message.into() });
+        self.warnings.push(Problem {
+            key: key.into(),
+            message: message.into(),
+        });
     }
 }
 
 pub fn validate(raw: RawConfig, lookup: &dyn Fn(&str) -> Option<String>) -> Result<Config, Vec<Problem>> {
-    let mut problems = Problems { errors: Vec::new(), warnings: Vec::new() };
+    let mut problems = Problems {
+        errors: Vec::new(),
+        warnings: Vec::new(),
+    };
 
     let database_url = match raw.database_url {
         None => {
-            problems.error("database_url", "missing: set it to a postgres:// URL, for example \"${DATABASE_URL}\"");
+            problems.error(
+                "database_url",
+                "missing: set it to a postgres:// URL, for example \"${DATABASE_URL}\"",
+            );
             String::new()
         }
         Some(text) => expand_or_report(&text, "database_url", lookup, &mut problems),
@@ -63,7 +75,11 @@ pub fn validate(raw: RawConfig, lookup: &dyn Fn(&str) -> Option<String>) -> Resu
         .enumerate()
         .filter_map(|(index, endpoint)| validate_endpoint(index, endpoint, lookup, &mut problems))
         .collect();
-    check_unique(endpoints.iter().map(|endpoint| endpoint.name.as_str()), "endpoint", &mut problems);
+    check_unique(
+        endpoints.iter().map(|endpoint| endpoint.name.as_str()),
+        "endpoint",
+        &mut problems,
+    );
 
     let sidecar = validate_sidecar(&raw.sidecar, &mut problems);
     warn_about_routing(&rules, &endpoints, &mut problems);
@@ -83,15 +99,17 @@ pub fn validate(raw: RawConfig, lookup: &dyn Fn(&str) -> Option<String>) -> Resu
     if !problems.errors.is_empty() {
         return Err(problems.errors);
     }
-    Ok(Config { database_url, sources, rules, endpoints, sidecar, warnings: problems.warnings })
+    Ok(Config {
+        database_url,
+        sources,
+        rules,
+        endpoints,
+        sidecar,
+        warnings: problems.warnings,
+    })
 }
 
-fn expand_or_report(
-    text: &str,
-    key: &str,
-    lookup: &dyn Fn(&str) -> Option<String>,
-    problems: &mut Problems,
-) -> String {
+fn expand_or_report(text: &str, key: &str, lookup: &dyn Fn(&str) -> Option<String>, problems: &mut Problems) -> String {
     match expand(text, lookup) {
         Ok(value) => value,
         Err(message) => {
@@ -105,7 +123,10 @@ fn check_unique<'a>(names: impl Iterator<Item = &'a str>, kind: &str, problems: 
     let mut seen = HashSet::new();
     for name in names {
         if !seen.insert(name) {
-            problems.error(format!("{kind} \"{name}\""), format!("two {kind}s are named \"{name}\"; give each a unique name"));
+            problems.error(
+                format!("{kind} \"{name}\""),
+                format!("two {kind}s are named \"{name}\"; give each a unique name"),
+            );
         }
     }
 }
@@ -115,7 +136,9 @@ fn check_unique<'a>(names: impl Iterator<Item = &'a str>, kind: &str, problems: 
 fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 50
-        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
 }
 
 const NAME_HINT: &str = "use 1 to 50 lowercase letters, digits, \"_\" or \"-\"";
@@ -125,7 +148,10 @@ fn validate_sources(raw_sources: &[RawSource], problems: &mut Problems) -> Vec<S
     for (index, raw) in raw_sources.iter().enumerate() {
         let key = format!("source[{index}] \"{}\"", raw.name);
         if !valid_name(&raw.name) {
-            problems.error(format!("{key}.name"), format!("invalid name {:?}: {NAME_HINT}", raw.name));
+            problems.error(
+                format!("{key}.name"),
+                format!("invalid name {:?}: {NAME_HINT}", raw.name),
+            );
         }
 
         let (schema, table) = match parse_table_name(&raw.table) {
@@ -136,7 +162,10 @@ fn validate_sources(raw_sources: &[RawSource], problems: &mut Problems) -> Vec<S
             }
         };
         if raw.key.is_empty() {
-            problems.error(format!("{key}.key"), "empty: list the primary key columns, for example key = [\"id\"]");
+            problems.error(
+                format!("{key}.key"),
+                "empty: list the primary key columns, for example key = [\"id\"]",
+            );
         }
         for column in raw.key.iter().chain(&raw.columns) {
             if column.is_empty() {
@@ -192,7 +221,9 @@ pub fn parse_table_name(text: &str) -> Result<(String, String), String> {
             }
         }
         if part.is_empty() {
-            return Err(format!("invalid table name {text:?}; write it as schema.table, for example \"public.spree_orders\""));
+            return Err(format!(
+                "invalid table name {text:?}; write it as schema.table, for example \"public.spree_orders\""
+            ));
         }
         parts.push(part);
 
@@ -209,7 +240,9 @@ pub fn parse_table_name(text: &str) -> Result<(String, String), String> {
             let table = parts.remove(1);
             Ok((parts.remove(0), table))
         }
-        _ => Err(format!("invalid table name {text:?}; write it as schema.table, without a database name")),
+        _ => Err(format!(
+            "invalid table name {text:?}; write it as schema.table, without a database name"
+        )),
     }
 }
 
@@ -218,14 +251,21 @@ fn validate_rule(index: usize, raw: &RawRule, sources: &[Source], problems: &mut
     let error_count = problems.errors.len();
 
     if !valid_name(&raw.name) {
-        problems.error(format!("{key}.name"), format!("invalid name {:?}: {NAME_HINT}", raw.name));
+        problems.error(
+            format!("{key}.name"),
+            format!("invalid name {:?}: {NAME_HINT}", raw.name),
+        );
     }
     check_event_name(&format!("{key}.event"), &raw.event, problems);
     let Some(source) = sources.iter().find(|source| source.name == raw.source) else {
         let known: Vec<&str> = sources.iter().map(|source| source.name.as_str()).collect();
         problems.error(
             format!("{key}.source"),
-            format!("unknown source {:?}; use one of the [[source]] names: {}", raw.source, known.join(", ")),
+            format!(
+                "unknown source {:?}; use one of the [[source]] names: {}",
+                raw.source,
+                known.join(", ")
+            ),
         );
         return None;
     };
@@ -256,13 +296,19 @@ fn validate_rule(index: usize, raw: &RawRule, sources: &[Source], problems: &mut
         if !valid_name(&raw_enrich.name.replace('-', "_")) || raw_enrich.name.contains('-') {
             problems.error(
                 format!("{enrich_key}.name"),
-                format!("invalid name {:?}: use lowercase letters, digits and \"_\"", raw_enrich.name),
+                format!(
+                    "invalid name {:?}: use lowercase letters, digits and \"_\"",
+                    raw_enrich.name
+                ),
             );
         }
         if RESERVED_DATA_FIELDS.contains(&raw_enrich.name.as_str()) {
             problems.error(
                 format!("{enrich_key}.name"),
-                format!("{:?} is a field of the payload's data; choose another name", raw_enrich.name),
+                format!(
+                    "{:?} is a field of the payload's data; choose another name",
+                    raw_enrich.name
+                ),
             );
         }
         for param in &raw_enrich.params {
@@ -272,9 +318,17 @@ fn validate_rule(index: usize, raw: &RawRule, sources: &[Source], problems: &mut
         if sql.is_empty() {
             problems.error(format!("{enrich_key}.sql"), "empty: write a SELECT query");
         }
-        enrich.push(Enrichment { name: raw_enrich.name.clone(), sql, params: raw_enrich.params.clone() });
+        enrich.push(Enrichment {
+            name: raw_enrich.name.clone(),
+            sql,
+            params: raw_enrich.params.clone(),
+        });
     }
-    check_unique(enrich.iter().map(|item| item.name.as_str()), &format!("{key}.enrich"), problems);
+    check_unique(
+        enrich.iter().map(|item| item.name.as_str()),
+        &format!("{key}.enrich"),
+        problems,
+    );
 
     if problems.errors.len() > error_count {
         return None;
@@ -292,7 +346,9 @@ fn validate_rule(index: usize, raw: &RawRule, sources: &[Source], problems: &mut
 fn check_event_name(key: &str, event: &str, problems: &mut Problems) {
     let valid = !event.is_empty()
         && event.len() <= 100
-        && event.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+        && event
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
     if !valid {
         problems.error(
             key,
@@ -348,7 +404,10 @@ fn reject_foreign_keys(key: &str, raw: &RawRule, problems: &mut Problems) {
 
 fn validate_threshold(key: &str, raw: &RawRule, source: &Source, problems: &mut Problems) -> Option<Threshold> {
     let Some(value_text) = &raw.value else {
-        problems.error(format!("{key}.value"), "missing: name the column to watch, or a sum such as \"quantity - reserved\"");
+        problems.error(
+            format!("{key}.value"),
+            "missing: name the column to watch, or a sum such as \"quantity - reserved\"",
+        );
         return None;
     };
     let value = match parse_value_expression(value_text) {
@@ -366,7 +425,10 @@ fn validate_threshold(key: &str, raw: &RawRule, source: &Source, problems: &mut 
         (Some(below), None) => (ThresholdDirection::Below, below, "below"),
         (None, Some(above)) => (ThresholdDirection::Above, above, "above"),
         _ => {
-            problems.error(key, "a threshold rule needs exactly one of below or above; write two rules for a range");
+            problems.error(
+                key,
+                "a threshold rule needs exactly one of below or above; write two rules for a range",
+            );
             return None;
         }
     };
@@ -382,15 +444,28 @@ fn validate_threshold(key: &str, raw: &RawRule, source: &Source, problems: &mut 
             ThresholdDirection::Above => rearm > limit,
         };
         if wrong_side {
-            let side = if direction == ThresholdDirection::Below { "at or above" } else { "at or below" };
-            problems.error(format!("{key}.rearm"), format!("rearm ({rearm}) must be {side} the limit ({limit})"));
+            let side = if direction == ThresholdDirection::Below {
+                "at or above"
+            } else {
+                "at or below"
+            };
+            problems.error(
+                format!("{key}.rearm"),
+                format!("rearm ({rearm}) must be {side} the limit ({limit})"),
+            );
         }
     }
     if let Some(recovered) = &raw.recovered_event {
         check_event_name(&format!("{key}.recovered_event"), recovered, problems);
     }
 
-    Some(Threshold { value, direction, limit, rearm, recovered_event: raw.recovered_event.clone() })
+    Some(Threshold {
+        value,
+        direction,
+        limit,
+        rearm,
+        recovered_event: raw.recovered_event.clone(),
+    })
 }
 
 fn parse_limit(key: &str, value: &toml::Value, source: &Source, problems: &mut Problems) -> Option<Limit> {
@@ -483,25 +558,40 @@ pub fn parse_value_expression(text: &str) -> Result<ValueExpression, String> {
     }
 
     if terms.is_empty() || expect_term {
-        return Err(format!("incomplete value {text:?}; write a column, or columns joined by + and -"));
+        return Err(format!(
+            "incomplete value {text:?}; write a column, or columns joined by + and -"
+        ));
     }
-    Ok(ValueExpression { text: text.to_string(), terms })
+    Ok(ValueExpression {
+        text: text.to_string(),
+        terms,
+    })
 }
 
 fn validate_transition(key: &str, raw: &RawRule, source: &Source, problems: &mut Problems) -> Option<Transition> {
     let Some(column) = &raw.column else {
-        problems.error(format!("{key}.column"), "missing: name the column whose value changes, such as \"state\"");
+        problems.error(
+            format!("{key}.column"),
+            "missing: name the column whose value changes, such as \"state\"",
+        );
         return None;
     };
     require_column(&format!("{key}.column"), column, source, problems);
     let from = match_values(&format!("{key}.from"), raw.from.as_deref().unwrap_or(&[]), problems);
     let to = match_values(&format!("{key}.to"), raw.to.as_deref().unwrap_or(&[]), problems);
-    Some(Transition { column: column.clone(), from, to })
+    Some(Transition {
+        column: column.clone(),
+        from,
+        to,
+    })
 }
 
 fn validate_shift(key: &str, raw: &RawRule, source: &Source, problems: &mut Problems) -> Option<Shift> {
     let Some(column) = &raw.column else {
-        problems.error(format!("{key}.column"), "missing: name the date or timestamp column, such as \"promised_at\"");
+        problems.error(
+            format!("{key}.column"),
+            "missing: name the date or timestamp column, such as \"promised_at\"",
+        );
         return None;
     };
     require_column(&format!("{key}.column"), column, source, problems);
@@ -523,12 +613,19 @@ fn validate_shift(key: &str, raw: &RawRule, source: &Source, problems: &mut Prob
         Some(text) => match parse_duration(text) {
             Some(duration) => duration,
             None => {
-                problems.error(format!("{key}.min"), format!("invalid duration {text:?}; write it as \"30m\", \"1h\" or \"1d\""));
+                problems.error(
+                    format!("{key}.min"),
+                    format!("invalid duration {text:?}; write it as \"30m\", \"1h\" or \"1d\""),
+                );
                 return None;
             }
         },
     };
-    Some(Shift { column: column.clone(), direction, min })
+    Some(Shift {
+        column: column.clone(),
+        direction,
+        min,
+    })
 }
 
 fn validate_change(key: &str, raw: &RawRule, source: &Source, problems: &mut Problems) -> Option<Change> {
@@ -582,14 +679,20 @@ fn validate_endpoint(
     let error_count = problems.errors.len();
 
     if !valid_name(&raw.name) {
-        problems.error(format!("{key}.name"), format!("invalid name {:?}: {NAME_HINT}", raw.name));
+        problems.error(
+            format!("{key}.name"),
+            format!("invalid name {:?}: {NAME_HINT}", raw.name),
+        );
     }
 
     let url_text = expand_or_report(&raw.url, &format!("{key}.url"), lookup, problems);
     let url = match reqwest::Url::parse(&url_text) {
         Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => Some(url),
         Ok(_) => {
-            problems.error(format!("{key}.url"), format!("{url_text:?} is not an http:// or https:// URL with a host"));
+            problems.error(
+                format!("{key}.url"),
+                format!("{url_text:?} is not an http:// or https:// URL with a host"),
+            );
             None
         }
         Err(error) if !url_text.is_empty() => {
@@ -607,7 +710,10 @@ fn validate_endpoint(
     };
 
     if raw.events.is_empty() {
-        problems.error(format!("{key}.events"), "empty: list the event types this endpoint takes, or [\"*\"] for all");
+        problems.error(
+            format!("{key}.events"),
+            "empty: list the event types this endpoint takes, or [\"*\"] for all",
+        );
     }
     for pattern in &raw.events {
         let literal = pattern.replace('*', "x");
@@ -621,7 +727,10 @@ fn validate_endpoint(
         if reqwest::header::HeaderName::from_bytes(name.as_bytes()).is_err() {
             problems.error(&header_key, format!("{name:?} is not a valid HTTP header name"));
         } else if reqwest::header::HeaderValue::from_str(&value).is_err() {
-            problems.error(&header_key, "the value contains characters that an HTTP header cannot carry");
+            problems.error(
+                &header_key,
+                "the value contains characters that an HTTP header cannot carry",
+            );
         }
         let lowered = name.to_ascii_lowercase();
         if lowered.starts_with("webhook-") || lowered == "content-type" {
@@ -630,12 +739,20 @@ fn validate_endpoint(
         headers.push((name.clone(), value));
     }
 
-    let timeout = duration_or_default(&format!("{key}.timeout"), raw.timeout.as_deref(), Duration::from_secs(10), problems);
+    let timeout = duration_or_default(
+        &format!("{key}.timeout"),
+        raw.timeout.as_deref(),
+        Duration::from_secs(10),
+        problems,
+    );
     let max_in_flight = match raw.max_in_flight {
         None => 8,
         Some(count) if (1..=1024).contains(&count) => count as usize,
         Some(count) => {
-            problems.error(format!("{key}.max_in_flight"), format!("{count} is out of range; use 1 to 1024"));
+            problems.error(
+                format!("{key}.max_in_flight"),
+                format!("{count} is out of range; use 1 to 1024"),
+            );
             1
         }
     };
@@ -681,7 +798,10 @@ pub fn decode_secret(text: &str) -> Result<Vec<u8>, String> {
     };
     match base64::engine::general_purpose::STANDARD.decode(encoded) {
         Ok(bytes) if (24..=64).contains(&bytes.len()) => Ok(bytes),
-        Ok(bytes) => Err(format!("the secret's key is {} bytes; use 24 to 64 bytes ({FIX})", bytes.len())),
+        Ok(bytes) => Err(format!(
+            "the secret's key is {} bytes; use 24 to 64 bytes ({FIX})",
+            bytes.len()
+        )),
         Err(_) => Err(format!("the part after \"whsec_\" is not valid base64; {FIX}")),
     }
 }
@@ -703,7 +823,10 @@ fn duration_or_default(key: &str, text: Option<&str>, default: Duration, problem
     match parse_duration(text) {
         Some(duration) if !duration.is_zero() => duration,
         _ => {
-            problems.error(key, format!("invalid duration {text:?}; write it as \"500ms\", \"5s\" or \"1m\""));
+            problems.error(
+                key,
+                format!("invalid duration {text:?}; write it as \"500ms\", \"5s\" or \"1m\""),
+            );
             default
         }
     }
@@ -728,7 +851,12 @@ fn validate_sidecar(raw: &RawSidecar, problems: &mut Problems) -> SidecarSetting
         }
     };
     SidecarSettings {
-        poll_interval: duration_or_default("sidecar.poll_interval", raw.poll_interval.as_deref(), defaults.poll_interval, problems),
+        poll_interval: duration_or_default(
+            "sidecar.poll_interval",
+            raw.poll_interval.as_deref(),
+            defaults.poll_interval,
+            problems,
+        ),
         batch_size,
         lease: duration_or_default("sidecar.lease", raw.lease.as_deref(), defaults.lease, problems),
         shutdown_timeout: duration_or_default(
@@ -737,7 +865,12 @@ fn validate_sidecar(raw: &RawSidecar, problems: &mut Problems) -> SidecarSetting
             defaults.shutdown_timeout,
             problems,
         ),
-        enrich_timeout: duration_or_default("sidecar.enrich_timeout", raw.enrich_timeout.as_deref(), defaults.enrich_timeout, problems),
+        enrich_timeout: duration_or_default(
+            "sidecar.enrich_timeout",
+            raw.enrich_timeout.as_deref(),
+            defaults.enrich_timeout,
+            problems,
+        ),
         pool_size,
     }
 }
@@ -747,7 +880,11 @@ fn warn_about_routing(rules: &[Rule], endpoints: &[Endpoint], problems: &mut Pro
     let mut event_types: Vec<(&str, &str)> = Vec::new();
     for rule in rules {
         event_types.push((rule.name.as_str(), rule.event.as_str()));
-        if let RuleKind::Threshold(Threshold { recovered_event: Some(recovered), .. }) = &rule.kind {
+        if let RuleKind::Threshold(Threshold {
+            recovered_event: Some(recovered),
+            ..
+        }) = &rule.kind
+        {
             event_types.push((rule.name.as_str(), recovered.as_str()));
         }
     }
@@ -775,9 +912,18 @@ mod tests {
 
     #[test]
     fn table_names_follow_sql_rules() {
-        assert_eq!(parse_table_name("public.spree_orders").unwrap(), ("public".into(), "spree_orders".into()));
-        assert_eq!(parse_table_name("Spree_Orders").unwrap(), ("public".into(), "spree_orders".into()));
-        assert_eq!(parse_table_name("\"Shop\".\"order\"").unwrap(), ("Shop".into(), "order".into()));
+        assert_eq!(
+            parse_table_name("public.spree_orders").unwrap(),
+            ("public".into(), "spree_orders".into())
+        );
+        assert_eq!(
+            parse_table_name("Spree_Orders").unwrap(),
+            ("public".into(), "spree_orders".into())
+        );
+        assert_eq!(
+            parse_table_name("\"Shop\".\"order\"").unwrap(),
+            ("Shop".into(), "order".into())
+        );
         assert_eq!(parse_table_name("shop.\"a.b\"").unwrap(), ("shop".into(), "a.b".into()));
         assert!(parse_table_name("db.shop.orders").is_err());
         assert!(parse_table_name("shop.").is_err());

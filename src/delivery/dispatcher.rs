@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::retry::next_delay;
-use super::send::{http_client, send, AttemptResult, ClaimedDelivery};
+use super::send::{AttemptResult, ClaimedDelivery, http_client, send};
 use crate::config::{Endpoint, SidecarSettings};
 use crate::db;
 
@@ -43,7 +43,15 @@ impl Dispatcher {
         shutdown: CancellationToken,
     ) -> Dispatcher {
         let client = http_client(&endpoint);
-        Dispatcher { endpoint, pool, client, settings, wake, shutdown, claimed: Arc::default() }
+        Dispatcher {
+            endpoint,
+            pool,
+            client,
+            settings,
+            wake,
+            shutdown,
+            claimed: Arc::default(),
+        }
     }
 
     pub async fn run(self) {
@@ -136,8 +144,12 @@ impl Dispatcher {
                 .map_err(|error| error.to_string())
         };
         match released.await {
-            Ok(count) => tracing::info!(endpoint = %self.endpoint.name, deliveries = count, "released leases of unfinished deliveries"),
-            Err(error) => tracing::warn!(endpoint = %self.endpoint.name, error = %error, "could not release leases; they expire on their own"),
+            Ok(count) => {
+                tracing::info!(endpoint = %self.endpoint.name, deliveries = count, "released leases of unfinished deliveries")
+            }
+            Err(error) => {
+                tracing::warn!(endpoint = %self.endpoint.name, error = %error, "could not release leases; they expire on their own")
+            }
         }
     }
 
@@ -176,7 +188,10 @@ impl Dispatcher {
             })
             .collect();
         deliveries.sort_by_key(|delivery| delivery.id);
-        self.claimed.lock().expect("claimed set lock").extend(deliveries.iter().map(|delivery| delivery.id));
+        self.claimed
+            .lock()
+            .expect("claimed set lock")
+            .extend(deliveries.iter().map(|delivery| delivery.id));
         Ok(deliveries)
     }
 
@@ -236,11 +251,21 @@ async fn record(
     } else {
         match next_delay(&endpoint.retry_schedule, delivery.attempt as u32) {
             Some(delay) => {
-                tracing::warn!(status = result.status_code, error = result.error.as_deref().unwrap_or(""), retry_in_ms = delay.as_millis() as u64, "delivery attempt failed; will retry");
+                tracing::warn!(
+                    status = result.status_code,
+                    error = result.error.as_deref().unwrap_or(""),
+                    retry_in_ms = delay.as_millis() as u64,
+                    "delivery attempt failed; will retry"
+                );
                 ("pending", delay)
             }
             None => {
-                tracing::error!(status = result.status_code, error = result.error.as_deref().unwrap_or(""), attempts = delivery.attempt, "delivery dead after its last attempt");
+                tracing::error!(
+                    status = result.status_code,
+                    error = result.error.as_deref().unwrap_or(""),
+                    attempts = delivery.attempt,
+                    "delivery dead after its last attempt"
+                );
                 ("dead", Duration::ZERO)
             }
         }

@@ -22,9 +22,15 @@ mod tests {
         let schedule = [Duration::from_secs(5), Duration::from_secs(60)];
         for _ in 0..100 {
             let first = next_delay(&schedule, 1).unwrap();
-            assert!(first >= Duration::from_secs(4) && first <= Duration::from_secs(6), "{first:?}");
+            assert!(
+                first >= Duration::from_secs(4) && first <= Duration::from_secs(6),
+                "{first:?}"
+            );
             let second = next_delay(&schedule, 2).unwrap();
-            assert!(second >= Duration::from_secs(48) && second <= Duration::from_secs(72), "{second:?}");
+            assert!(
+                second >= Duration::from_secs(48) && second <= Duration::from_secs(72),
+                "{second:?}"
+            );
         }
         assert_eq!(next_delay(&schedule, 3), None);
         assert_eq!(next_delay(&[], 1), None);

@@ -113,7 +113,10 @@ pub async fn send(client: &reqwest::Client, endpoint: &Endpoint, delivery: &Clai
             response_body: None,
         },
     };
-    AttemptResult { latency: clock.elapsed(), ..outcome }
+    AttemptResult {
+        latency: clock.elapsed(),
+        ..outcome
+    }
 }
 
 /// Reads at most [`MAX_RESPONSE_READ`] bytes and keeps the first

@@ -31,18 +31,25 @@ pub fn verify(secret: &Secret, webhook_id: &str, timestamp: i64, body: &[u8], he
     mac.update(format!("{webhook_id}.{timestamp}.").as_bytes());
     mac.update(body);
 
-    header.split(' ').filter_map(|entry| entry.strip_prefix("v1,")).any(|encoded| {
-        match base64::engine::general_purpose::STANDARD.decode(encoded) {
-            Ok(expected) => mac.clone().verify_slice(&expected).is_ok(),
-            Err(_) => false,
-        }
-    })
+    header
+        .split(' ')
+        .filter_map(|entry| entry.strip_prefix("v1,"))
+        .any(
+            |encoded| match base64::engine::general_purpose::STANDARD.decode(encoded) {
+                Ok(expected) => mac.clone().verify_slice(&expected).is_ok(),
+                Err(_) => false,
+            },
+        )
 }
 
 /// Generates a new secret of 32 random bytes, written as `whsec_<base64>`.
 pub fn generate_secret() -> String {
     let key: [u8; 32] = rand::random();
-    format!("{}{}", Secret::PREFIX, base64::engine::general_purpose::STANDARD.encode(key))
+    format!(
+        "{}{}",
+        Secret::PREFIX,
+        base64::engine::general_purpose::STANDARD.encode(key)
+    )
 }
 
 #[cfg(test)]
@@ -50,14 +57,21 @@ mod tests {
     use super::*;
 
     fn specification_secret() -> Secret {
-        let key = base64::engine::general_purpose::STANDARD.decode("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").unwrap();
+        let key = base64::engine::general_purpose::STANDARD
+            .decode("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")
+            .unwrap();
         Secret::from_key(key)
     }
 
     /// The example that the Standard Webhooks libraries test against.
     #[test]
     fn signature_matches_specification_vector() {
-        let signature = sign(&specification_secret(), "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, br#"{"test": 2432232314}"#);
+        let signature = sign(
+            &specification_secret(),
+            "msg_p5jXN8AQM9LWM0D4loKWxJek",
+            1614265330,
+            br#"{"test": 2432232314}"#,
+        );
         assert_eq!(signature, "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=");
     }
 
@@ -67,18 +81,39 @@ mod tests {
         let body = br#"{"test": 2432232314}"#;
         let good = "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=";
         assert!(verify(&secret, "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, body, good));
-        assert!(verify(&secret, "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, body, &format!("v1,AAAA {good}")));
+        assert!(verify(
+            &secret,
+            "msg_p5jXN8AQM9LWM0D4loKWxJek",
+            1614265330,
+            body,
+            &format!("v1,AAAA {good}")
+        ));
         assert!(!verify(&secret, "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265331, body, good));
         assert!(!verify(&secret, "msg_other", 1614265330, body, good));
-        assert!(!verify(&secret, "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, b"{}", good));
-        assert!(!verify(&secret, "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, body, "v2,abc"));
+        assert!(!verify(
+            &secret,
+            "msg_p5jXN8AQM9LWM0D4loKWxJek",
+            1614265330,
+            b"{}",
+            good
+        ));
+        assert!(!verify(
+            &secret,
+            "msg_p5jXN8AQM9LWM0D4loKWxJek",
+            1614265330,
+            body,
+            "v2,abc"
+        ));
     }
 
     #[test]
     fn generated_secrets_decode_to_32_bytes() {
         let text = generate_secret();
         let encoded = text.strip_prefix("whsec_").expect("prefix");
-        assert_eq!(base64::engine::general_purpose::STANDARD.decode(encoded).unwrap().len(), 32);
+        assert_eq!(
+            base64::engine::general_purpose::STANDARD.decode(encoded).unwrap().len(),
+            32
+        );
         assert_ne!(generate_secret(), text);
     }
 }

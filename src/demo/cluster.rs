@@ -14,9 +14,13 @@ use std::time::{Duration, Instant};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
-    #[error("the Postgres server programs were not found on PATH, through pg_config or in /usr/lib/postgresql; install the postgresql package or set DATABASE_URL to an existing server")]
+    #[error(
+        "the Postgres server programs were not found on PATH, through pg_config or in /usr/lib/postgresql; install the postgresql package or set DATABASE_URL to an existing server"
+    )]
     ProgramsNotFound,
-    #[error("running as root, but there is no `postgres` user to run the server as; create one (useradd postgres) or set DATABASE_URL")]
+    #[error(
+        "running as root, but there is no `postgres` user to run the server as; create one (useradd postgres) or set DATABASE_URL"
+    )]
     NoServerUser,
     #[error("{step} failed")]
     Io {
@@ -59,14 +63,24 @@ impl TempCluster {
             None
         };
 
-        let root = std::env::temp_dir().join(format!("gancho-pg-{}-{:08x}", std::process::id(), rand::random::<u32>()));
+        let root = std::env::temp_dir().join(format!(
+            "gancho-pg-{}-{:08x}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
         std::fs::create_dir_all(&root).map_err(|source| io_error("creating the cluster folder", source))?;
         if let Some((uid, gid)) = run_as {
             std::os::unix::fs::chown(&root, Some(uid), Some(gid))
                 .map_err(|source| io_error("handing the cluster folder to the postgres user", source))?;
         }
 
-        let mut cluster = TempCluster { root, port: 0, bin_dir, run_as, keeper: None };
+        let mut cluster = TempCluster {
+            root,
+            port: 0,
+            bin_dir,
+            run_as,
+            keeper: None,
+        };
         cluster.initdb()?;
         cluster.port = free_port().map_err(|source| io_error("finding a free port", source))?;
         cluster.launch()?;
@@ -105,7 +119,11 @@ impl TempCluster {
             .output()
             .map_err(|source| io_error("running initdb", source))?;
         if !output.status.success() {
-            let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            );
             return Err(ClusterError::Initdb { output: text });
         }
         Ok(())
@@ -125,9 +143,19 @@ impl TempCluster {
             .args(["-p", &self.port.to_string(), "-c", "listen_addresses=127.0.0.1"])
             .arg("-c")
             .arg(format!("unix_socket_directories={}", self.root.display()))
-            .args(["-c", "fsync=off", "-c", "full_page_writes=off", "-c", "max_connections=200"])
+            .args([
+                "-c",
+                "fsync=off",
+                "-c",
+                "full_page_writes=off",
+                "-c",
+                "max_connections=200",
+            ])
             .stdin(Stdio::null())
-            .stdout(log.try_clone().map_err(|source| io_error("opening the server log", source))?)
+            .stdout(
+                log.try_clone()
+                    .map_err(|source| io_error("opening the server log", source))?,
+            )
             .stderr(log);
         unsafe {
             use std::os::unix::process::CommandExt;
@@ -170,18 +198,23 @@ impl TempCluster {
         match started.recv() {
             Ok(Ok(())) => {}
             Ok(Err(source)) => return Err(io_error("starting postgres", source)),
-            Err(_) => return Err(io_error("starting postgres", std::io::Error::other("the keeper thread ended"))),
+            Err(_) => {
+                return Err(io_error(
+                    "starting postgres",
+                    std::io::Error::other("the keeper thread ended"),
+                ));
+            }
         }
         self.keeper = Some(Keeper { stop, thread });
 
         let timeout = Duration::from_secs(60);
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
-            let ready = self
-                .command("pg_isready")
-                .args(["-q", "-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "postgres", "-d", "postgres"])
-                .status()
-                .map(|status| status.success())
+            // pg_ctl's own readiness test: from PostgreSQL 10 on, the postmaster
+            // writes "ready" on the eighth line of postmaster.pid once it accepts
+            // connections.
+            let ready = std::fs::read_to_string(self.data_dir().join("postmaster.pid"))
+                .map(|pid_file| pid_file.lines().nth(7).map(str::trim) == Some("ready"))
                 .unwrap_or(false);
             if ready {
                 return Ok(());
@@ -189,7 +222,10 @@ impl TempCluster {
             std::thread::sleep(Duration::from_millis(100));
         }
         let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-        Err(ClusterError::NotReady { seconds: timeout.as_secs(), log })
+        Err(ClusterError::NotReady {
+            seconds: timeout.as_secs(),
+            log,
+        })
     }
 
     /// Stops the server with a fast shutdown and waits until it has exited.
@@ -215,7 +251,10 @@ impl Drop for TempCluster {
 }
 
 fn io_error(step: &str, source: std::io::Error) -> ClusterError {
-    ClusterError::Io { step: step.to_string(), source }
+    ClusterError::Io {
+        step: step.to_string(),
+        source,
+    }
 }
 
 /// Finds the folder of initdb and postgres: on PATH, through `pg_config
@@ -223,10 +262,10 @@ fn io_error(step: &str, source: std::io::Error) -> ClusterError {
 pub fn find_server_programs() -> Option<PathBuf> {
     let has_programs = |dir: &Path| dir.join("initdb").is_file() && dir.join("postgres").is_file();
 
-    if let Some(path) = std::env::var_os("PATH") {
-        if let Some(dir) = std::env::split_paths(&path).find(|dir| has_programs(dir)) {
-            return Some(dir);
-        }
+    if let Some(path) = std::env::var_os("PATH")
+        && let Some(dir) = std::env::split_paths(&path).find(|dir| has_programs(dir))
+    {
+        return Some(dir);
     }
     if let Ok(output) = Command::new("pg_config").arg("--bindir").output() {
         let dir = PathBuf::from(String::from_utf8_lossy(&output.stdout).trim());

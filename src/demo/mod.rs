@@ -48,7 +48,11 @@ pub enum DemoError {
     #[error("this database already has a {0} schema; point DATABASE_URL at a database without one")]
     SchemaExists(String),
     #[error("only {received} of {expected} webhooks arrived within {seconds}s")]
-    Missing { received: usize, expected: usize, seconds: u64 },
+    Missing {
+        received: usize,
+        expected: usize,
+        seconds: u64,
+    },
     #[error("{0} webhook(s) failed signature verification")]
     BadSignature(usize),
     #[error(transparent)]
@@ -74,7 +78,10 @@ pub async fn run(database_url: Option<String>) -> Result<(), DemoError> {
 
     let mut client = db::connect(&db::parse_url(&base_url)?).await?;
     for schema in ["gancho", DEMO_SCHEMA] {
-        let exists: bool = client.query_one("select to_regnamespace($1) is not null", &[&schema]).await?.get(0);
+        let exists: bool = client
+            .query_one("select to_regnamespace($1) is not null", &[&schema])
+            .await?
+            .get(0);
         if exists {
             return Err(DemoError::SchemaExists(schema.to_string()));
         }
@@ -85,7 +92,9 @@ pub async fn run(database_url: Option<String>) -> Result<(), DemoError> {
     // Clean up whatever happened: the triggers, the gancho schema and the shop.
     let cleanup = async {
         capture::uninstall(&mut client).await?;
-        client.batch_execute(&format!("drop schema if exists {DEMO_SCHEMA} cascade")).await?;
+        client
+            .batch_execute(&format!("drop schema if exists {DEMO_SCHEMA} cascade"))
+            .await?;
         Ok::<(), DemoError>(())
     };
     if let Err(error) = cleanup.await {
@@ -121,7 +130,11 @@ async fn run_in_schema(client: &mut tokio_postgres::Client, base_url: &str) -> R
         "NOTIFIER_SECRET" => Some(notifier_secret.clone()),
         _ => None,
     };
-    let config = Arc::new(Config::parse(&config_text, Path::new("examples/solidus.toml"), &lookup)?);
+    let config = Arc::new(Config::parse(
+        &config_text,
+        Path::new("examples/solidus.toml"),
+        &lookup,
+    )?);
     capture::install(client, &config).await?;
     println!("Installed gancho's triggers on the demo shop's stock, orders and shipments.");
 
@@ -129,7 +142,9 @@ async fn run_in_schema(client: &mut tokio_postgres::Client, base_url: &str) -> R
     let sidecar_task = tokio::spawn(sidecar::run(Arc::clone(&config), shutdown.clone()));
 
     println!("\nShop traffic, and the webhooks it causes:\n");
-    client.batch_execute(&format!("set search_path = {DEMO_SCHEMA}")).await?;
+    client
+        .batch_execute(&format!("set search_path = {DEMO_SCHEMA}"))
+        .await?;
     for (description, sql) in TRAFFIC {
         println!("shop: {description}");
         client.batch_execute(sql).await?;
@@ -145,10 +160,21 @@ async fn run_in_schema(client: &mut tokio_postgres::Client, base_url: &str) -> R
 
     let received = warehouse_received.len() + notifier_received.len();
     let expected = EXPECTED_WAREHOUSE + EXPECTED_NOTIFIER;
-    let unverified = warehouse_received.iter().chain(&notifier_received).filter(|webhook| !webhook.verified).count();
-    println!("\n{received} webhooks received, {} with a valid signature.", received - unverified);
+    let unverified = warehouse_received
+        .iter()
+        .chain(&notifier_received)
+        .filter(|webhook| !webhook.verified)
+        .count();
+    println!(
+        "\n{received} webhooks received, {} with a valid signature.",
+        received - unverified
+    );
     if received < expected {
-        return Err(DemoError::Missing { received, expected, seconds: timeout.as_secs() });
+        return Err(DemoError::Missing {
+            received,
+            expected,
+            seconds: timeout.as_secs(),
+        });
     }
     if unverified > 0 {
         return Err(DemoError::BadSignature(unverified));
@@ -158,7 +184,9 @@ async fn run_in_schema(client: &mut tokio_postgres::Client, base_url: &str) -> R
 
 async fn start_receiver(secret: &str, name: &'static str) -> Result<Receiver, DemoError> {
     let key = crate::config::parse_secret_text(secret).expect("a generated secret is valid");
-    let receiver = Receiver::start(Some(Secret::from_key(key))).await.map_err(DemoError::Receiver)?;
+    let receiver = Receiver::start(Some(Secret::from_key(key)))
+        .await
+        .map_err(DemoError::Receiver)?;
     receiver.on_receive(move |webhook| println!("{}", describe(name, webhook)));
     println!("Receiver {name:<17} listening on {}", receiver.url());
     Ok(receiver)
@@ -175,19 +203,36 @@ fn with_search_path(url: &str) -> String {
 /// fields that tell what happened.
 fn describe(receiver: &str, webhook: &ReceivedWebhook) -> String {
     let data = webhook.data();
-    let check = if webhook.verified { "signature ok" } else { "SIGNATURE INVALID" };
+    let check = if webhook.verified {
+        "signature ok"
+    } else {
+        "SIGNATURE INVALID"
+    };
     let mut details = Vec::new();
-    for field in ["key", "value", "limit", "from", "to", "shift_seconds", "units_to_pack", "section", "orders_on_hold"] {
+    for field in [
+        "key",
+        "value",
+        "limit",
+        "from",
+        "to",
+        "shift_seconds",
+        "units_to_pack",
+        "section",
+        "orders_on_hold",
+    ] {
         if let Some(value) = data.get(field) {
             details.push(format!("{field}={}", compact(value)));
         }
     }
-    if let (Some(Value::Object(new)), None) = (data.get("new"), data.get("value")) {
-        if data.get("from").is_none() {
-            details.insert(1, format!("new={}", compact(&Value::Object(new.clone()))));
-        }
+    // A change event has no value or from/to of its own: show the new row.
+    if let (Some(new @ Value::Object(_)), None, None) = (data.get("new"), data.get("value"), data.get("from")) {
+        details.insert(1, format!("new={}", compact(new)));
     }
-    format!("  -> {receiver:<17} {:<22} {check}\n       {}", webhook.event_type(), details.join("  "))
+    format!(
+        "  -> {receiver:<17} {:<22} {check}\n       {}",
+        webhook.event_type(),
+        details.join("  ")
+    )
 }
 
 fn compact(value: &Value) -> String {

@@ -53,9 +53,14 @@ impl ReceivedWebhook {
     }
 
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(key, _)| key.eq_ignore_ascii_case(name)).map(|(_, value)| value.as_str())
+        self.headers
+            .iter()
+            .find(|(key, _)| key.eq_ignore_ascii_case(name))
+            .map(|(_, value)| value.as_str())
     }
 }
+
+type ReceiveCallback = Box<dyn Fn(&ReceivedWebhook) + Send>;
 
 struct State {
     secret: Option<Secret>,
@@ -64,7 +69,7 @@ struct State {
     failures_left: AtomicUsize,
     received: Mutex<Vec<ReceivedWebhook>>,
     arrived: Notify,
-    on_receive: Mutex<Option<Box<dyn Fn(&ReceivedWebhook) + Send>>>,
+    on_receive: Mutex<Option<ReceiveCallback>>,
 }
 
 pub struct Receiver {
@@ -102,7 +107,9 @@ impl Receiver {
                 let connection_state = Arc::clone(&server_state);
                 tokio::spawn(async move {
                     let service = service_fn(move |request| handle(Arc::clone(&connection_state), request));
-                    let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+                    let _ = http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
                 });
             }
         });
@@ -170,9 +177,22 @@ async fn handle(state: Arc<State>, request: Request<Incoming>) -> Result<Respons
     let headers: Vec<(String, String)> = request
         .headers()
         .iter()
-        .map(|(name, value)| (name.as_str().to_string(), String::from_utf8_lossy(value.as_bytes()).into_owned()))
+        .map(|(name, value)| {
+            (
+                name.as_str().to_string(),
+                String::from_utf8_lossy(value.as_bytes()).into_owned(),
+            )
+        })
         .collect();
-    let body = request.into_body().collect().await.map(|collected| collected.to_bytes()).unwrap_or_default();
+    // A request cut off mid-body (its sender was killed) is not a delivery.
+    let Ok(collected) = request.into_body().collect().await else {
+        let response = Response::builder()
+            .status(400)
+            .body(Full::new(Bytes::new()))
+            .expect("a static response is valid");
+        return Ok(response);
+    };
+    let body = collected.to_bytes();
 
     let delay = state.delay_ms.load(Ordering::SeqCst);
     if delay > 0 {
@@ -182,12 +202,24 @@ async fn handle(state: Arc<State>, request: Request<Incoming>) -> Result<Respons
         .failures_left
         .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |left| left.checked_sub(1))
         .is_ok();
-    let status = if failing { 500 } else { state.status.load(Ordering::SeqCst) };
+    let status = if failing {
+        500
+    } else {
+        state.status.load(Ordering::SeqCst)
+    };
 
     let header = |name: &str| {
-        headers.iter().find(|(key, _)| key == name).map(|(_, value)| value.clone()).unwrap_or_default()
+        headers
+            .iter()
+            .find(|(key, _)| key == name)
+            .map(|(_, value)| value.clone())
+            .unwrap_or_default()
     };
-    let (webhook_id, timestamp, signature) = (header("webhook-id"), header("webhook-timestamp"), header("webhook-signature"));
+    let (webhook_id, timestamp, signature) = (
+        header("webhook-id"),
+        header("webhook-timestamp"),
+        header("webhook-signature"),
+    );
     let verified = match (&state.secret, timestamp.parse::<i64>()) {
         (Some(secret), Ok(seconds)) => verify(secret, &webhook_id, seconds, &body, &signature),
         _ => false,

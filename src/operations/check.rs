@@ -17,7 +17,10 @@ pub struct CheckReport {
 /// rules, that enrichment queries compile with the right number of
 /// parameters, and that the installed triggers match the config.
 pub async fn check(client: &tokio_postgres::Client, config: &Config) -> Result<CheckReport, tokio_postgres::Error> {
-    let mut report = CheckReport { errors: Vec::new(), warnings: config.warnings.clone() };
+    let mut report = CheckReport {
+        errors: Vec::new(),
+        warnings: config.warnings.clone(),
+    };
 
     for (index, source) in config.sources.iter().enumerate() {
         let key = format!("source[{index}] \"{}\"", source.name);
@@ -39,7 +42,11 @@ pub async fn check(client: &tokio_postgres::Client, config: &Config) -> Result<C
                         message: format!(
                             "column {name:?} does not exist in {}; the table has: {}",
                             source.qualified_table(),
-                            columns.iter().map(|(column, _)| column.as_str()).collect::<Vec<_>>().join(", ")
+                            columns
+                                .iter()
+                                .map(|(column, _)| column.as_str())
+                                .collect::<Vec<_>>()
+                                .join(", ")
                         ),
                     });
                 }
@@ -65,7 +72,10 @@ pub async fn check(client: &tokio_postgres::Client, config: &Config) -> Result<C
                     key: format!("{key}.sql"),
                     message: format!(
                         "the query does not compile: {}",
-                        error.as_db_error().map(|db| db.message().to_string()).unwrap_or_else(|| error.to_string())
+                        error
+                            .as_db_error()
+                            .map(|db| db.message().to_string())
+                            .unwrap_or_else(|| error.to_string())
                     ),
                 }),
             }
@@ -101,19 +111,32 @@ async fn table_columns(
 }
 
 fn check_rule_types(config: &Config, source: &Source, columns: &[(String, String)], report: &mut CheckReport) {
-    let type_of = |name: &str| columns.iter().find(|(column, _)| column == name).map(|(_, kind)| kind.as_str());
+    let type_of = |name: &str| {
+        columns
+            .iter()
+            .find(|(column, _)| column == name)
+            .map(|(_, kind)| kind.as_str())
+    };
     let mut require = |key: String, column: &str, allowed: &[&str], what: &str| {
-        if let Some(found) = type_of(column) {
-            if !allowed.contains(&found) {
-                report.errors.push(Problem {
-                    key,
-                    message: format!("column {column:?} has type {found}, but this rule needs {what} ({})", allowed.join(", ")),
-                });
-            }
+        if let Some(found) = type_of(column)
+            && !allowed.contains(&found)
+        {
+            report.errors.push(Problem {
+                key,
+                message: format!(
+                    "column {column:?} has type {found}, but this rule needs {what} ({})",
+                    allowed.join(", ")
+                ),
+            });
         }
     };
 
-    for (index, rule) in config.rules.iter().enumerate().filter(|(_, rule)| rule.source == source.name) {
+    for (index, rule) in config
+        .rules
+        .iter()
+        .enumerate()
+        .filter(|(_, rule)| rule.source == source.name)
+    {
         let key = format!("rule[{index}] \"{}\"", rule.name);
         match &rule.kind {
             RuleKind::Threshold(threshold) => {
@@ -126,7 +149,12 @@ fn check_rule_types(config: &Config, source: &Source, columns: &[(String, String
                     }
                 }
             }
-            RuleKind::Shift(shift) => require(format!("{key}.column"), &shift.column, TIME_TYPES, "a date or timestamp"),
+            RuleKind::Shift(shift) => require(
+                format!("{key}.column"),
+                &shift.column,
+                TIME_TYPES,
+                "a date or timestamp",
+            ),
             RuleKind::Transition(_) | RuleKind::Change(_) => {}
         }
     }
@@ -137,7 +165,10 @@ async fn check_installation(
     config: &Config,
     report: &mut CheckReport,
 ) -> Result<(), tokio_postgres::Error> {
-    let installed: bool = client.query_one("select to_regclass('gancho.watched') is not null", &[]).await?.get(0);
+    let installed: bool = client
+        .query_one("select to_regclass('gancho.watched') is not null", &[])
+        .await?
+        .get(0);
     if !installed {
         report.warnings.push(Problem {
             key: "database_url".into(),
@@ -146,7 +177,9 @@ async fn check_installation(
         return Ok(());
     }
 
-    let rows = client.query("select source, key_columns, columns from gancho.watched", &[]).await?;
+    let rows = client
+        .query("select source, key_columns, columns from gancho.watched", &[])
+        .await?;
     for (index, source) in config.sources.iter().enumerate() {
         let found = rows.iter().find(|row| row.get::<_, String>(0) == source.name);
         let current = found.is_some_and(|row| {

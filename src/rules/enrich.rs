@@ -8,7 +8,7 @@ use std::error::Error;
 
 use bytes::BytesMut;
 use serde_json::Value;
-use tokio_postgres::types::{to_sql_checked, Format, IsNull, ToSql, Type};
+use tokio_postgres::types::{Format, IsNull, ToSql, Type, to_sql_checked};
 
 use super::Row;
 use crate::config::Enrichment;
@@ -55,7 +55,10 @@ impl ToSql for TextParameter {
 /// Wraps the user's query so each result row arrives as one JSON object, with
 /// numbers as numbers and timestamps as strings.
 pub fn wrapped_sql(enrichment: &Enrichment) -> String {
-    format!("select to_jsonb(enrichment_row) from (\n{}\n) as enrichment_row", enrichment.sql)
+    format!(
+        "select to_jsonb(enrichment_row) from (\n{}\n) as enrichment_row",
+        enrichment.sql
+    )
 }
 
 /// Runs one enrichment query for a row and returns its rows as JSON objects.
@@ -64,10 +67,15 @@ pub async fn run(
     enrichment: &Enrichment,
     row: &Row,
 ) -> Result<Vec<Value>, tokio_postgres::Error> {
-    let parameters: Vec<TextParameter> =
-        enrichment.params.iter().map(|name| TextParameter::from_json(row.get(name))).collect();
-    let references: Vec<&(dyn ToSql + Sync)> =
-        parameters.iter().map(|parameter| parameter as &(dyn ToSql + Sync)).collect();
+    let parameters: Vec<TextParameter> = enrichment
+        .params
+        .iter()
+        .map(|name| TextParameter::from_json(row.get(name)))
+        .collect();
+    let references: Vec<&(dyn ToSql + Sync)> = parameters
+        .iter()
+        .map(|parameter| parameter as &(dyn ToSql + Sync))
+        .collect();
 
     let statement = transaction.prepare(&wrapped_sql(enrichment)).await?;
     let rows = transaction.query(&statement, &references).await?;

@@ -117,8 +117,16 @@ fn passes_filter(rule: &Rule, change: &Change) -> bool {
     let Some(row) = change.current_row() else {
         return true;
     };
-    let included = rule.filter.only.iter().all(|(column, values)| matches_any(row.get(column), values));
-    let excluded = rule.filter.except.iter().any(|(column, values)| matches_any(row.get(column), values));
+    let included = rule
+        .filter
+        .only
+        .iter()
+        .all(|(column, values)| matches_any(row.get(column), values));
+    let excluded = rule
+        .filter
+        .except
+        .iter()
+        .any(|(column, values)| matches_any(row.get(column), values));
     included && !excluded
 }
 
@@ -153,20 +161,32 @@ fn evaluate_threshold(
     let alerting = state == Some(ALERTING);
     let Some(new_row) = &change.new else {
         // The row is gone: forget its state so a new row with the same key starts afresh.
-        let update = if state.is_some() { StateUpdate::Clear } else { StateUpdate::Keep };
+        let update = if state.is_some() {
+            StateUpdate::Clear
+        } else {
+            StateUpdate::Keep
+        };
         return (None, update);
     };
 
     let new_value = evaluate_expression(&threshold.value, new_row);
     let new_limit = evaluate_limit(&threshold.limit, new_row);
     let (old_value, old_limit) = match &change.old {
-        Some(old_row) => (evaluate_expression(&threshold.value, old_row), evaluate_limit(&threshold.limit, old_row)),
+        Some(old_row) => (
+            evaluate_expression(&threshold.value, old_row),
+            evaluate_limit(&threshold.limit, old_row),
+        ),
         None => (None, None),
     };
 
-    let now_outside = matches!((new_value, new_limit), (Some(value), Some(limit)) if is_outside(threshold.direction, value, limit));
-    let was_outside = matches!((old_value, old_limit), (Some(value), Some(limit)) if is_outside(threshold.direction, value, limit));
-    let fired = RuleMatch { event_type: rule.event.clone(), details: threshold_details(new_value, new_limit) };
+    let now_outside =
+        matches!((new_value, new_limit), (Some(value), Some(limit)) if is_outside(threshold.direction, value, limit));
+    let was_outside =
+        matches!((old_value, old_limit), (Some(value), Some(limit)) if is_outside(threshold.direction, value, limit));
+    let fired = RuleMatch {
+        event_type: rule.event.clone(),
+        details: threshold_details(new_value, new_limit),
+    };
 
     match &threshold.rearm {
         Some(rearm) if alerting => {
@@ -217,8 +237,14 @@ fn threshold_details(value: Option<Decimal>, limit: Option<Decimal>) -> Map<Stri
 /// from no row and a delete to no row; `from` and `to` restrict the values left
 /// and reached, and a side with no row never matches a non-empty list.
 fn evaluate_transition(rule: &Rule, transition: &Transition, change: &Change) -> Option<RuleMatch> {
-    let old_value = change.old.as_ref().map(|row| row.get(&transition.column).cloned().unwrap_or(Value::Null));
-    let new_value = change.new.as_ref().map(|row| row.get(&transition.column).cloned().unwrap_or(Value::Null));
+    let old_value = change
+        .old
+        .as_ref()
+        .map(|row| row.get(&transition.column).cloned().unwrap_or(Value::Null));
+    let new_value = change
+        .new
+        .as_ref()
+        .map(|row| row.get(&transition.column).cloned().unwrap_or(Value::Null));
     if change.operation == Operation::Update && old_value == new_value {
         return None;
     }
@@ -233,7 +259,10 @@ fn evaluate_transition(rule: &Rule, transition: &Transition, change: &Change) ->
     let mut details = Map::new();
     details.insert("from".into(), old_value.unwrap_or(Value::Null));
     details.insert("to".into(), new_value.unwrap_or(Value::Null));
-    Some(RuleMatch { event_type: rule.event.clone(), details })
+    Some(RuleMatch {
+        event_type: rule.event.clone(),
+        details,
+    })
 }
 
 /// A shift fires when an update moves a date or timestamp in the rule's
@@ -262,7 +291,10 @@ fn evaluate_shift(rule: &Rule, shift: &Shift, change: &Change) -> Option<RuleMat
     details.insert("from".into(), old_raw.cloned().unwrap_or(Value::Null));
     details.insert("to".into(), new_raw.cloned().unwrap_or(Value::Null));
     details.insert("shift_seconds".into(), decimal_json(seconds));
-    Some(RuleMatch { event_type: rule.event.clone(), details })
+    Some(RuleMatch {
+        event_type: rule.event.clone(),
+        details,
+    })
 }
 
 /// A change rule fires on every insert and delete, and on an update that
@@ -270,12 +302,18 @@ fn evaluate_shift(rule: &Rule, shift: &Shift, change: &Change) -> Option<RuleMat
 fn evaluate_change(rule: &Rule, change_rule: &ChangeRule, change: &Change) -> Option<RuleMatch> {
     if change.operation == Operation::Update && !change_rule.columns.is_empty() {
         let (old_row, new_row) = (change.old.as_ref()?, change.new.as_ref()?);
-        let changed = change_rule.columns.iter().any(|column| old_row.get(column) != new_row.get(column));
+        let changed = change_rule
+            .columns
+            .iter()
+            .any(|column| old_row.get(column) != new_row.get(column));
         if !changed {
             return None;
         }
     }
-    Some(RuleMatch { event_type: rule.event.clone(), details: Map::new() })
+    Some(RuleMatch {
+        event_type: rule.event.clone(),
+        details: Map::new(),
+    })
 }
 
 #[cfg(test)]

@@ -17,7 +17,7 @@ use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
 use tokio_postgres::Transaction;
 
-use super::{enrich, evaluate, needs_state, Change, Operation, Row, RuleMatch, StateUpdate};
+use super::{Change, Operation, Row, RuleMatch, StateUpdate, enrich, evaluate, needs_state};
 use crate::config::{Config, Rule};
 
 /// The advisory lock key that serialises processors across sidecars. Any fixed
@@ -57,17 +57,25 @@ impl Processor {
     }
 
     /// Processes up to `batch_size` outbox rows in one transaction.
-    pub async fn process_batch(&self, client: &mut tokio_postgres::Client) -> Result<BatchOutcome, tokio_postgres::Error> {
+    pub async fn process_batch(
+        &self,
+        client: &mut tokio_postgres::Client,
+    ) -> Result<BatchOutcome, tokio_postgres::Error> {
         let transaction = client.transaction().await?;
         let locked: bool = transaction
             .query_one("select pg_try_advisory_xact_lock($1)", &[&PROCESSOR_LOCK])
             .await?
             .get(0);
         if !locked {
-            return Ok(BatchOutcome { busy: true, ..BatchOutcome::default() });
+            return Ok(BatchOutcome {
+                busy: true,
+                ..BatchOutcome::default()
+            });
         }
         let timeout_ms = self.config.sidecar.enrich_timeout.as_millis();
-        transaction.batch_execute(&format!("set local statement_timeout = {timeout_ms}")).await?;
+        transaction
+            .batch_execute(&format!("set local statement_timeout = {timeout_ms}"))
+            .await?;
 
         // Claim the oldest unprocessed rows. Rows of transactions that are still
         // open are invisible here and are taken by a later batch once committed.
@@ -116,7 +124,11 @@ impl Processor {
         }
 
         // Record the results, then mark the batch consumed, all in this transaction.
-        let mut outcome = BatchOutcome { changes: ids.len(), events: events.len(), ..BatchOutcome::default() };
+        let mut outcome = BatchOutcome {
+            changes: ids.len(),
+            events: events.len(),
+            ..BatchOutcome::default()
+        };
         for event in &events {
             outcome.deliveries += event.endpoints.len();
             outcome.endpoints.extend(event.endpoints.iter().cloned());
@@ -124,7 +136,10 @@ impl Processor {
         insert_events(&transaction, &events).await?;
         save_states(&transaction, &states, &dirty_states).await?;
         transaction
-            .execute("update gancho.outbox set processed_at = now() where id = any($1)", &[&ids])
+            .execute(
+                "update gancho.outbox set processed_at = now() where id = any($1)",
+                &[&ids],
+            )
             .await?;
         transaction.commit().await?;
 
@@ -147,8 +162,14 @@ impl Processor {
         data.insert("table".into(), Value::String(change.table.clone()));
         data.insert("operation".into(), Value::String(change.operation.as_str().into()));
         data.insert("key".into(), change.key.clone());
-        data.insert("old".into(), change.old.clone().map(Value::Object).unwrap_or(Value::Null));
-        data.insert("new".into(), change.new.clone().map(Value::Object).unwrap_or(Value::Null));
+        data.insert(
+            "old".into(),
+            change.old.clone().map(Value::Object).unwrap_or(Value::Null),
+        );
+        data.insert(
+            "new".into(),
+            change.new.clone().map(Value::Object).unwrap_or(Value::Null),
+        );
         data.insert("changed_at".into(), Value::String(change.changed_at.to_rfc3339()));
         data.insert("change_id".into(), Value::from(change.id));
         data.extend(found.details);
@@ -206,7 +227,10 @@ impl Processor {
                 Err(error) if error.code().is_none() || error.is_closed() => return Err(error),
                 Err(error) => {
                     transaction.batch_execute("rollback to savepoint gancho_enrich").await?;
-                    let message = error.as_db_error().map(|db| db.message().to_string()).unwrap_or_else(|| error.to_string());
+                    let message = error
+                        .as_db_error()
+                        .map(|db| db.message().to_string())
+                        .unwrap_or_else(|| error.to_string());
                     tracing::warn!(rule = %rule.name, enrichment = %enrichment.name, change_id = change.id, error = %message, "enrichment query failed; the event is sent without its result");
                     data.insert(enrichment.name.clone(), Value::Null);
                     errors.insert(enrichment.name.clone(), Value::String(message));
@@ -242,7 +266,11 @@ fn parse_change(row: &tokio_postgres::Row) -> Option<Change> {
 
 type StateMap = HashMap<(String, String), Option<String>>;
 
-async fn load_states(transaction: &Transaction<'_>, rules: &[Rule], changes: &[Change]) -> Result<StateMap, tokio_postgres::Error> {
+async fn load_states(
+    transaction: &Transaction<'_>,
+    rules: &[Rule],
+    changes: &[Change],
+) -> Result<StateMap, tokio_postgres::Error> {
     let stateful: Vec<&Rule> = rules.iter().filter(|rule| needs_state(rule)).collect();
     let mut states = StateMap::new();
     if stateful.is_empty() {

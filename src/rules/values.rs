@@ -17,7 +17,9 @@ pub fn decimal(value: Option<&Value>) -> Option<Decimal> {
     match value? {
         Value::Number(number) => {
             let text = number.to_string();
-            Decimal::from_str(&text).or_else(|_| Decimal::from_scientific(&text)).ok()
+            Decimal::from_str(&text)
+                .or_else(|_| Decimal::from_scientific(&text))
+                .ok()
         }
         _ => None,
     }
@@ -49,7 +51,9 @@ pub fn evaluate_limit(limit: &Limit, row: &Row) -> Option<Decimal> {
 /// Writes a decimal as a JSON number, keeping every digit.
 pub fn decimal_json(value: Decimal) -> Value {
     let text = value.normalize().to_string();
-    serde_json::Number::from_str(&text).map(Value::Number).unwrap_or(Value::String(text))
+    serde_json::Number::from_str(&text)
+        .map(Value::Number)
+        .unwrap_or(Value::String(text))
 }
 
 /// Reads a date or timestamp as `to_jsonb` writes it: timestamptz with an
@@ -106,7 +110,10 @@ mod tests {
     #[test]
     fn decimals_keep_every_digit() {
         let value: Value = serde_json::from_str("12345678901234567890.123456").unwrap();
-        assert_eq!(decimal(Some(&value)).unwrap().to_string(), "12345678901234567890.123456");
+        assert_eq!(
+            decimal(Some(&value)).unwrap().to_string(),
+            "12345678901234567890.123456"
+        );
         assert_eq!(decimal(Some(&json!("5"))), None);
         assert_eq!(decimal(Some(&Value::Null)), None);
         assert_eq!(decimal(None), None);
@@ -114,14 +121,24 @@ mod tests {
 
     #[test]
     fn instants_parse_postgres_formats() {
-        let expected = NaiveDate::from_ymd_opt(2026, 12, 4).unwrap().and_hms_opt(10, 30, 0).unwrap().and_utc();
+        let expected = NaiveDate::from_ymd_opt(2026, 12, 4)
+            .unwrap()
+            .and_hms_opt(10, 30, 0)
+            .unwrap()
+            .and_utc();
         assert_eq!(instant(Some(&json!("2026-12-04T10:30:00+00:00"))), Some(expected));
         assert_eq!(instant(Some(&json!("2026-12-04T11:30:00+01:00"))), Some(expected));
         assert_eq!(instant(Some(&json!("2026-12-04T12:30:00+02"))), Some(expected));
         assert_eq!(instant(Some(&json!("2026-12-04T10:30:00"))), Some(expected));
         assert_eq!(
             instant(Some(&json!("2026-12-04"))),
-            Some(NaiveDate::from_ymd_opt(2026, 12, 4).unwrap().and_hms_opt(0, 0, 0).unwrap().and_utc())
+            Some(
+                NaiveDate::from_ymd_opt(2026, 12, 4)
+                    .unwrap()
+                    .and_hms_opt(0, 0, 0)
+                    .unwrap()
+                    .and_utc()
+            )
         );
         assert_eq!(instant(Some(&json!("soon"))), None);
         assert_eq!(instant(Some(&json!(5))), None);
@@ -129,9 +146,16 @@ mod tests {
 
     #[test]
     fn match_values_compare_numbers_by_value() {
-        let candidates = [MatchValue("complete".into()), MatchValue("3.5".into()), MatchValue("true".into())];
+        let candidates = [
+            MatchValue("complete".into()),
+            MatchValue("3.5".into()),
+            MatchValue("true".into()),
+        ];
         assert!(matches_any(Some(&json!("complete")), &candidates));
-        assert!(matches_any(Some(&serde_json::from_str::<Value>("3.50").unwrap()), &candidates));
+        assert!(matches_any(
+            Some(&serde_json::from_str::<Value>("3.50").unwrap()),
+            &candidates
+        ));
         assert!(matches_any(Some(&json!(true)), &candidates));
         assert!(!matches_any(Some(&json!("cart")), &candidates));
         assert!(!matches_any(Some(&Value::Null), &candidates));

@@ -46,7 +46,11 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
         .collect();
 
     let mut tasks = JoinSet::new();
-    tasks.spawn(listener::run(pg_config.clone(), Arc::clone(&processor_wake), shutdown.clone()));
+    tasks.spawn(listener::run(
+        pg_config.clone(),
+        Arc::clone(&processor_wake),
+        shutdown.clone(),
+    ));
     tasks.spawn(process_loop(
         Arc::clone(&config),
         pool.clone(),
@@ -110,7 +114,10 @@ async fn connect_with_retry(
 /// which happens when the config changed after `gancho install`.
 async fn warn_about_install_drift(client: &tokio_postgres::Client, config: &Config) {
     let rows = match client
-        .query("select source, table_schema, table_name, key_columns, columns from gancho.watched", &[])
+        .query(
+            "select source, table_schema, table_name, key_columns, columns from gancho.watched",
+            &[],
+        )
         .await
     {
         Ok(rows) => rows,
@@ -125,7 +132,12 @@ async fn warn_about_install_drift(client: &tokio_postgres::Client, config: &Conf
         .collect();
 
     for source in &config.sources {
-        let expected = (source.schema.clone(), source.table.clone(), source.key.clone(), source.columns.clone());
+        let expected = (
+            source.schema.clone(),
+            source.table.clone(),
+            source.key.clone(),
+            source.columns.clone(),
+        );
         match installed.get(&source.name) {
             None => tracing::warn!(source = %source.name, "source has no triggers; run `gancho install --config FILE`"),
             Some(found) if *found != expected => tracing::warn!(
@@ -167,7 +179,12 @@ async fn process_loop(
                         }
                     }
                     if outcome.changes > 0 {
-                        tracing::debug!(changes = outcome.changes, events = outcome.events, deliveries = outcome.deliveries, "outbox batch processed");
+                        tracing::debug!(
+                            changes = outcome.changes,
+                            events = outcome.events,
+                            deliveries = outcome.deliveries,
+                            "outbox batch processed"
+                        );
                     }
                     if outcome.changes < config.sidecar.batch_size as usize {
                         break;

@@ -1,0 +1,367 @@
+//! The triggers: what lands in the outbox, on schemas as shops have them.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::support::*;
+
+async fn outbox(db: &TestDb) -> Vec<(String, Value, Value, Value)> {
+    db.client()
+        .await
+        .query(
+            "select operation, key, coalesce(old, 'null'), coalesce(new, 'null') from gancho.outbox order by id",
+            &[],
+        )
+        .await
+        .expect("the outbox is readable")
+        .iter()
+        .map(|row| (row.get(0), row.get(1), row.get(2), row.get(3)))
+        .collect()
+}
+
+#[tokio::test]
+async fn install_is_idempotent_and_uninstall_clean() {
+    let db = TestDb::create().await;
+    db.execute("create table stock (id int primary key, quantity int, note text)")
+        .await;
+    let config = parse_config(
+        &config_text(
+            &db.url,
+            "http://127.0.0.1:9/",
+            r#"
+[[source]]
+name = "stock"
+table = "stock"
+key = ["id"]
+columns = ["quantity"]
+
+[[rule]]
+name = "any"
+source = "stock"
+kind = "change"
+event = "stock.changed"
+"#,
+        ),
+        &[],
+    );
+
+    install(&db, &config).await;
+    install(&db, &config).await;
+    assert_eq!(
+        db.count("select count(*) from pg_trigger where tgrelid = 'stock'::regclass and not tgisinternal")
+            .await,
+        2
+    );
+    assert_eq!(
+        db.count("select value::bigint from gancho.meta where key = 'schema_version'")
+            .await,
+        1
+    );
+
+    db.execute("insert into stock values (1, 5, 'a')").await;
+    assert_eq!(
+        db.count("select count(*) from gancho.outbox").await,
+        1,
+        "one change, not one per install"
+    );
+
+    let mut client = db.client().await;
+    let removed = gancho::capture::uninstall(&mut client).await.expect("uninstall runs");
+    assert_eq!(removed, vec!["stock".to_string()]);
+    assert_eq!(
+        db.count("select count(*) from pg_trigger where tgrelid = 'stock'::regclass and not tgisinternal")
+            .await,
+        0
+    );
+    assert_eq!(
+        db.count("select count(*) from pg_namespace where nspname = 'gancho'")
+            .await,
+        0
+    );
+    db.execute("update stock set quantity = 6 where id = 1").await;
+}
+
+#[tokio::test]
+async fn sql_file_installs_with_psql_semantics() {
+    // The same file a DBA runs with `psql -f`, then one watch() call.
+    let db = TestDb::create().await;
+    db.execute("create table items (sku text primary key, quantity int)")
+        .await;
+    db.execute(gancho::capture::SCHEMA_SQL).await;
+    db.execute("select gancho.watch('items', 'items', '{sku}', '{quantity}')")
+        .await;
+    db.execute("insert into items values ('A-1', 3)").await;
+
+    let rows = outbox(&db).await;
+    assert_eq!(
+        rows,
+        vec![(
+            "INSERT".to_string(),
+            json!({"sku": "A-1"}),
+            Value::Null,
+            json!({"quantity": 3})
+        )]
+    );
+
+    let error = db
+        .client()
+        .await
+        .batch_execute("select gancho.watch('items', 'items', '{sku}', '{quantiti}')")
+        .await
+        .unwrap_err();
+    let message = error.as_db_error().expect("a server error").message().to_string();
+    assert_eq!(message, "column \"quantiti\" does not exist in table public.items");
+}
+
+#[tokio::test]
+async fn unchanged_captured_columns_record_nothing() {
+    let db = TestDb::create().await;
+    db.execute(
+        "create table stock (id int primary key, quantity int, updated_at timestamptz default now(), note text)",
+    )
+    .await;
+    db.execute(gancho::capture::SCHEMA_SQL).await;
+    db.execute("select gancho.watch('stock', 'stock', '{id}', '{quantity,note}')")
+        .await;
+    db.execute("insert into stock (id, quantity) values (1, 5)").await;
+
+    db.execute("update stock set updated_at = now() + interval '1 minute' where id = 1")
+        .await;
+    db.execute("update stock set quantity = 5 where id = 1").await;
+    db.execute("insert into stock (id, quantity) values (1, 9) on conflict do nothing")
+        .await;
+    assert_eq!(
+        db.count("select count(*) from gancho.outbox").await,
+        1,
+        "only the insert"
+    );
+
+    db.execute("update stock set note = 'x' where id = 1").await;
+    db.execute("update stock set note = null where id = 1").await;
+    let rows = outbox(&db).await;
+    assert_eq!(rows.len(), 3, "changes to and from NULL are changes");
+    assert_eq!(rows[1].2, json!({"quantity": 5, "note": null}));
+    assert_eq!(rows[1].3, json!({"quantity": 5, "note": "x"}));
+    assert_eq!(rows[2].3, json!({"quantity": 5, "note": null}));
+}
+
+#[tokio::test]
+async fn rollback_and_savepoint_record_nothing() {
+    let db = TestDb::create().await;
+    db.execute("create table stock (id int primary key, quantity int)")
+        .await;
+    db.execute(gancho::capture::SCHEMA_SQL).await;
+    db.execute("select gancho.watch('stock', 'stock', '{id}', '{quantity}')")
+        .await;
+
+    db.execute("begin; insert into stock values (1, 1); rollback;").await;
+    db.execute("begin; insert into stock values (2, 2); savepoint s; insert into stock values (3, 3); rollback to savepoint s; commit;").await;
+    let rows = outbox(&db).await;
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].1, json!({"id": 2}));
+}
+
+#[tokio::test]
+async fn quoted_reserved_names_and_composite_keys() {
+    let db = TestDb::create().await;
+    db.execute(
+        r#"create schema "Shop";
+           create table "Shop"."order" ("Id" uuid, "line" numeric(22, 4), "State" text, "select" bigint, primary key ("Id", "line"));"#,
+    )
+    .await;
+    let receiver = receiver().await;
+    let config = parse_config(
+        &config_text(
+            &db.url,
+            &receiver.url(),
+            r#"
+[[source]]
+name = "orders"
+table = '"Shop"."order"'
+key = ["Id", "line"]
+columns = ["State", "select"]
+
+[[rule]]
+name = "state"
+source = "orders"
+kind = "transition"
+column = "State"
+event = "order.state"
+"#,
+        ),
+        &[],
+    );
+    install(&db, &config).await;
+    let sidecar = start_sidecar(config);
+
+    db.execute(
+        r#"insert into "Shop"."order" values ('6f1c2a4e-8d3b-4c5a-9e7f-0a1b2c3d4e5f', 12345678901234567.1234, 'new', 9007199254740993);
+           update "Shop"."order" set "State" = 'paid' where "line" = 12345678901234567.1234;
+           delete from "Shop"."order";"#,
+    )
+    .await;
+    let received = receiver.wait_for(3, Duration::from_secs(20)).await;
+    sidecar.stop().await;
+
+    assert_eq!(received.len(), 3);
+    let first = received
+        .iter()
+        .find(|webhook| webhook.data()["operation"] == "INSERT")
+        .expect("the insert arrived");
+    let body = String::from_utf8(first.body.to_vec()).expect("UTF-8 body");
+    assert!(
+        body.contains(r#""Id":"6f1c2a4e-8d3b-4c5a-9e7f-0a1b2c3d4e5f""#),
+        "{body}"
+    );
+    assert!(
+        body.contains(r#""line":12345678901234567.1234"#),
+        "numeric key keeps every digit: {body}"
+    );
+    assert!(
+        body.contains(r#""select":9007199254740993"#),
+        "bigint keeps every digit: {body}"
+    );
+    assert_eq!(first.data()["table"], "Shop.order");
+    assert_eq!(first.data()["new"]["State"], "new");
+
+    let delete = received
+        .iter()
+        .find(|webhook| webhook.data()["operation"] == "DELETE")
+        .expect("the delete arrived");
+    assert_eq!(delete.data()["new"], Value::Null);
+    assert_eq!(delete.data()["old"]["State"], "paid");
+    assert_eq!(delete.data()["to"], Value::Null);
+}
+
+#[tokio::test]
+async fn row_over_notify_limit_is_delivered() {
+    let db = TestDb::create().await;
+    db.execute("create table notes (id bigint primary key, body text)")
+        .await;
+    let receiver = receiver().await;
+    let config = parse_config(
+        &config_text(
+            &db.url,
+            &receiver.url(),
+            r#"
+[[source]]
+name = "notes"
+table = "notes"
+key = ["id"]
+columns = ["body"]
+
+[[rule]]
+name = "any"
+source = "notes"
+kind = "change"
+event = "note.changed"
+"#,
+        ),
+        &[],
+    );
+    install(&db, &config).await;
+    let sidecar = start_sidecar(config);
+
+    // 12,000 characters of two-byte UTF-8: 24,000 bytes, three times NOTIFY's limit.
+    let text = "ñ".repeat(12_000);
+    db.client()
+        .await
+        .execute("insert into notes values (1, $1)", &[&text])
+        .await
+        .expect("the shop's insert succeeds");
+    let received = receiver.wait_for(1, Duration::from_secs(20)).await;
+    sidecar.stop().await;
+
+    assert_eq!(received.len(), 1);
+    assert_eq!(received[0].data()["new"]["body"].as_str(), Some(text.as_str()));
+    assert!(received[0].verified);
+}
+
+#[tokio::test]
+async fn dropped_column_never_fails_shop_writes() {
+    let db = TestDb::create().await;
+    db.execute("create table stock (id int primary key, quantity int, legacy text)")
+        .await;
+    db.execute(gancho::capture::SCHEMA_SQL).await;
+    db.execute("select gancho.watch('stock', 'stock', '{id}', '{quantity,legacy}')")
+        .await;
+
+    db.execute("alter table stock drop column legacy").await;
+    db.execute("insert into stock values (1, 4)").await;
+    db.execute("alter table stock rename column quantity to qty").await;
+    db.execute("update stock set qty = 8 where id = 1").await;
+
+    let rows = outbox(&db).await;
+    assert_eq!(
+        rows.len(),
+        1,
+        "the rename hides the captured column, so the update looks unchanged"
+    );
+    assert_eq!(rows[0].3, json!({"quantity": 4, "legacy": null}));
+}
+
+#[tokio::test]
+async fn install_needs_only_table_ownership() {
+    let db = TestDb::create().await;
+    let suffix = &db.name["gancho_test_".len()..];
+    let (owner, app) = (format!("shop_owner_{suffix}"), format!("shop_app_{suffix}"));
+    db.execute(&format!(
+        "create role {owner} login nosuperuser; create role {app} login nosuperuser;
+         grant create on database {name} to {owner};
+         grant usage, create on schema public to {owner};",
+        name = db.name
+    ))
+    .await;
+
+    let owner_url = url_with_user(&db.url, &owner);
+    let app_url = url_with_user(&db.url, &app);
+    let owner_client = connect(&owner_url).await;
+    owner_client
+        .batch_execute(&format!(
+            "create table stock (id int primary key, quantity int); grant select, insert, update on stock to {app};"
+        ))
+        .await
+        .expect("the owner creates its table");
+
+    let config = parse_config(
+        &config_text(
+            &owner_url,
+            "http://127.0.0.1:9/",
+            r#"
+[[source]]
+name = "stock"
+table = "stock"
+key = ["id"]
+columns = ["quantity"]
+
+[[rule]]
+name = "any"
+source = "stock"
+kind = "change"
+event = "stock.changed"
+"#,
+        ),
+        &[],
+    );
+    let mut installer = connect(&owner_url).await;
+    gancho::capture::install(&mut installer, &config)
+        .await
+        .expect("a table owner without superuser installs gancho");
+
+    // The application role has no privilege on the gancho schema, and its writes still record.
+    let app_client = connect(&app_url).await;
+    app_client
+        .batch_execute("insert into stock values (1, 2); update stock set quantity = 3")
+        .await
+        .expect("the shop's writes succeed");
+    assert_eq!(db.count("select count(*) from gancho.outbox").await, 2);
+
+    drop((owner_client, installer, app_client));
+    drop(db);
+    let admin = connect(&server_url()).await;
+    admin
+        .batch_execute(&format!("drop role if exists {owner}; drop role if exists {app};"))
+        .await
+        .expect("roles dropped");
+}

@@ -1,0 +1,169 @@
+//! The command line on bad input: every problem named with its key and fix.
+
+use crate::support::*;
+
+fn run(args: &[&str], config: &str, env: &[(&str, &str)]) -> (i32, String) {
+    let file = TempFile::with_text(config);
+    let output = gancho_command()
+        .args(args)
+        .arg("--config")
+        .arg(&file.path)
+        .envs(env.iter().copied())
+        .env_remove("DATABASE_URL")
+        .output()
+        .expect("gancho runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.code().unwrap_or(-1), text)
+}
+
+#[test]
+fn invalid_config_names_each_key() {
+    let config = format!(
+        r#"database_url = "${{SHOP_DB}}"
+
+[[source]]
+name = "stock"
+table = "stock"
+key = ["id"]
+columns = ["quantity"]
+
+[[rule]]
+name = "low"
+source = "stock"
+kind = "threshold"
+value = "quantty"
+below = 10
+rearm = 5
+event = "inventory.low"
+
+[[rule]]
+name = "gone"
+source = "warehouse"
+kind = "change"
+event = "x"
+
+[[endpoint]]
+name = "hooks"
+url = "ftp://example.invalid/"
+secret = "not-a-secret"
+events = ["inventory.*"]
+timeout = "5 seconds"
+"#
+    );
+    let (code, output) = run(&["check"], &config, &[]);
+    assert_eq!(code, 2, "{output}");
+    for expected in [
+        "database_url: environment variable SHOP_DB is not set",
+        "rule[0] \"low\".value: column \"quantty\" is not captured by source \"stock\"",
+        "rule[0] \"low\".rearm: rearm (5) must be at or above the limit (10)",
+        "rule[1] \"gone\".source: unknown source \"warehouse\"; use one of the [[source]] names: stock",
+        "endpoint[0] \"hooks\".url: \"ftp://example.invalid/\" is not an http:// or https:// URL",
+        "endpoint[0] \"hooks\".secret: a secret must start with \"whsec_\"",
+        "endpoint[0] \"hooks\".timeout: invalid duration \"5 seconds\"",
+    ] {
+        assert!(output.contains(expected), "missing {expected:?} in:\n{output}");
+    }
+}
+
+#[test]
+fn unknown_key_is_rejected() {
+    let (code, output) = run(
+        &["run"],
+        "database_url = \"postgres://x\"\n[[source]]\nname = \"a\"\ntable = \"a\"\nkey = [\"id\"]\ncolumn = [\"b\"]\n",
+        &[],
+    );
+    assert_eq!(code, 2, "{output}");
+    assert!(output.contains("unknown field `column`"), "{output}");
+}
+
+#[tokio::test]
+async fn check_against_live_database() {
+    let db = TestDb::create().await;
+    db.execute("create table stock (id int primary key, quantity text, promised date)")
+        .await;
+    let config = format!(
+        r#"database_url = "{url}"
+
+[[source]]
+name = "stock"
+table = "stock"
+key = ["id"]
+columns = ["quantity", "promised", "missing"]
+
+[[source]]
+name = "ghost"
+table = "shop.ghost"
+key = ["id"]
+
+[[rule]]
+name = "low"
+source = "stock"
+kind = "threshold"
+value = "quantity"
+below = 10
+event = "low"
+
+[[rule.enrich]]
+name = "extra"
+sql = "select * from nowhere where id = $1"
+params = ["id"]
+
+[[rule.enrich]]
+name = "count"
+sql = "select $1::int + $2::int as total"
+params = ["id"]
+
+[[endpoint]]
+name = "hooks"
+url = "http://127.0.0.1:9/"
+secret = "{SECRET}"
+events = ["*"]
+"#,
+        url = db.url
+    );
+    let (code, output) = tokio::task::spawn_blocking(move || run(&["check"], &config, &[]))
+        .await
+        .unwrap();
+    assert_eq!(code, 2, "{output}");
+    for expected in [
+        "source[0] \"stock\".columns: column \"missing\" does not exist in public.stock; the table has: id, quantity, promised",
+        "source[1] \"ghost\".table: table shop.ghost does not exist",
+        "rule[0] \"low\".value: column \"quantity\" has type text, but this rule needs a number",
+        "rule[0] \"low\".enrich[0].sql: the query does not compile: relation \"nowhere\" does not exist",
+        "rule[0] \"low\".enrich[1].params: the query uses 2 parameter(s) but params lists 1",
+        "warning: database_url: gancho is not installed in this database yet",
+    ] {
+        assert!(output.contains(expected), "missing {expected:?} in:\n{output}");
+    }
+}
+
+#[tokio::test]
+async fn install_print_matches_install() {
+    let db = TestDb::create().await;
+    db.execute("create table \"order\" (id int primary key, state text)")
+        .await;
+    let config = format!(
+        "database_url = \"{}\"\n[[source]]\nname = \"orders\"\ntable = 'public.\"order\"'\nkey = [\"id\"]\ncolumns = [\"state\"]\n",
+        db.url
+    );
+    let (code, script) = tokio::task::spawn_blocking(move || run(&["install", "--print"], &config, &[]))
+        .await
+        .unwrap();
+    assert_eq!(code, 0, "{script}");
+    assert!(
+        script.contains("select gancho.watch('orders', 'public.\"order\"', array['id'], array['state']);"),
+        "{script}"
+    );
+
+    db.execute(&script).await;
+    db.execute("insert into \"order\" values (1, 'cart')").await;
+    assert_eq!(
+        db.count("select count(*) from gancho.outbox where source = 'orders'")
+            .await,
+        1
+    );
+}

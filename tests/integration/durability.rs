@@ -1,0 +1,159 @@
+//! Nothing committed is lost: not when the sidecar is down, and not when it
+//! is killed with SIGKILL in the middle of a burst.
+
+use std::collections::HashMap;
+use std::process::Stdio;
+use std::time::Duration;
+
+use crate::support::*;
+
+const ORDERS: &str = r#"
+[[source]]
+name = "orders"
+table = "orders"
+key = ["id"]
+columns = ["state"]
+
+[[rule]]
+name = "created"
+source = "orders"
+kind = "change"
+event = "order.changed"
+"#;
+
+/// Counts the webhooks per order id.
+fn per_order(receiver: &gancho::demo::receiver::Receiver) -> HashMap<i64, usize> {
+    let mut counts = HashMap::new();
+    for webhook in receiver.received() {
+        if webhook.answered == 200 {
+            let id = webhook.data()["key"]["id"].as_i64().expect("an integer key");
+            *counts.entry(id).or_insert(0) += 1;
+        }
+    }
+    counts
+}
+
+#[tokio::test]
+async fn changes_while_sidecar_down_are_delivered() {
+    let db = TestDb::create().await;
+    db.execute("create table orders (id int primary key, state text)").await;
+    let receiver = receiver().await;
+    let config = parse_config(&config_text(&db.url, &receiver.url(), ORDERS), &[]);
+    install(&db, &config).await;
+
+    db.execute("insert into orders select i, 'new' from generate_series(1, 50) i")
+        .await;
+    let sidecar = start_sidecar(config);
+    let received = receiver.wait_for(50, Duration::from_secs(20)).await;
+    sidecar.stop().await;
+
+    assert_eq!(received.len(), 50);
+    let counts = per_order(&receiver);
+    assert_eq!(counts.len(), 50);
+    assert!(counts.values().all(|count| *count == 1));
+}
+
+#[tokio::test]
+async fn bulk_update_of_ten_thousand_rows() {
+    let db = TestDb::create().await;
+    db.execute("create table orders (id int primary key, state text)").await;
+    db.execute("insert into orders select i, 'new' from generate_series(1, 10000) i")
+        .await;
+    let receiver = receiver().await;
+    let text = config_text(&db.url, &receiver.url(), ORDERS)
+        .replace("events = [\"*\"]", "events = [\"*\"]\nmax_in_flight = 32");
+    let config = parse_config(&text, &[]);
+    install(&db, &config).await;
+    let sidecar = start_sidecar(config);
+
+    db.execute("update orders set state = 'paid'").await;
+    let delivered = wait_for_count(
+        &db,
+        "select count(*) from gancho.delivery where status = 'delivered'",
+        10_000,
+        Duration::from_secs(120),
+    )
+    .await;
+    sidecar.stop().await;
+
+    assert_eq!(delivered, 10_000);
+    assert_eq!(
+        db.count("select count(*) from gancho.outbox where processed_at is null")
+            .await,
+        0
+    );
+    let counts = per_order(&receiver);
+    assert_eq!(counts.len(), 10_000);
+    assert!(
+        counts.values().all(|count| *count == 1),
+        "no duplicates without a crash"
+    );
+}
+
+#[tokio::test]
+async fn sigkill_under_load_loses_nothing() {
+    let db = TestDb::create().await;
+    db.execute("create table orders (id int primary key, state text)").await;
+    let receiver = receiver().await;
+    receiver.set_delay(Duration::from_millis(2));
+    let text = config_text(&db.url, &receiver.url(), ORDERS).replace("lease = \"10s\"", "lease = \"2s\"");
+    let config_file = TempFile::with_text(&text);
+    let start = || {
+        gancho_command()
+            .args(["run", "--config"])
+            .arg(&config_file.path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("gancho run starts")
+    };
+    install(&db, &parse_config(&text, &[])).await;
+    let mut first = start();
+
+    // Write 3,000 orders in 60 transactions while the sidecar delivers.
+    let writer_url = db.url.clone();
+    let writer = tokio::spawn(async move {
+        let client = connect(&writer_url).await;
+        for batch in 0..60 {
+            let from = batch * 50 + 1;
+            client
+                .batch_execute(&format!(
+                    "insert into orders select i, 'new' from generate_series({from}, {}) i",
+                    from + 49
+                ))
+                .await
+                .expect("the shop's insert succeeds");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+
+    // Kill the sidecar once it is well into the burst.
+    let seen = receiver.wait_for(400, Duration::from_secs(30)).await.len();
+    assert!(seen >= 400, "deliveries started before the kill: {seen}");
+    first.kill().expect("SIGKILL is sent");
+    first.wait().expect("the killed sidecar is reaped");
+    writer.await.expect("the writer finishes");
+
+    let mut second = start();
+    let delivered = wait_for_count(
+        &db,
+        "select count(*) from gancho.delivery where status = 'delivered'",
+        3000,
+        Duration::from_secs(60),
+    )
+    .await;
+    send_signal(&second, libc::SIGTERM);
+    let status = wait_for_exit(&mut second, Duration::from_secs(10)).await;
+
+    assert_eq!(delivered, 3000);
+    assert_eq!(
+        status.and_then(|status| status.code()),
+        Some(0),
+        "SIGTERM stops the sidecar cleanly"
+    );
+    let counts = per_order(&receiver);
+    assert_eq!(counts.len(), 3000, "every committed order reached the receiver");
+    let duplicates: usize = counts.values().map(|count| count - 1).sum();
+    // Only requests in flight at the kill may arrive twice: at most max_in_flight (8).
+    assert!(duplicates <= 8, "{duplicates} duplicates");
+}
