@@ -22,8 +22,7 @@ fn run(args: &[&str], config: &str, env: &[(&str, &str)]) -> (i32, String) {
 
 #[test]
 fn invalid_config_names_each_key() {
-    let config = format!(
-        r#"database_url = "${{SHOP_DB}}"
+    let config = r#"database_url = "${SHOP_DB}"
 
 [[source]]
 name = "stock"
@@ -52,9 +51,8 @@ url = "ftp://example.invalid/"
 secret = "not-a-secret"
 events = ["inventory.*"]
 timeout = "5 seconds"
-"#
-    );
-    let (code, output) = run(&["check"], &config, &[]);
+"#;
+    let (code, output) = run(&["check"], config, &[]);
     assert_eq!(code, 2, "{output}");
     for expected in [
         "database_url: environment variable SHOP_DB is not set",

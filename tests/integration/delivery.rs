@@ -165,7 +165,8 @@ async fn retry_then_success_keeps_webhook_id() {
         )
         .await
         .expect("attempts are readable");
-    let summary: Vec<(i32, Option<i32>, Option<String>, Option<String>)> = attempts
+    type AttemptSummary = (i32, Option<i32>, Option<String>, Option<String>);
+    let summary: Vec<AttemptSummary> = attempts
         .iter()
         .map(|row| (row.get(0), row.get(1), row.get(2), row.get(3)))
         .collect();
