@@ -83,6 +83,15 @@ enum Command {
     Demo,
     /// Print a new random signing secret (whsec_...).
     Secret,
+    /// Run a receiver that verifies and prints every webhook, to try a setup.
+    Receive {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:9001")]
+        listen: std::net::SocketAddr,
+        /// The endpoint's signing secret (whsec_...), to verify signatures.
+        #[arg(long, env = "RECEIVER_SECRET", hide_env_values = true)]
+        secret: String,
+    },
 }
 
 /// A failure and the exit code it maps to.
@@ -223,6 +232,30 @@ async fn execute(command: Command) -> Result<ExitCode, Failure> {
             demo::run(url).await?;
         }
         Command::Secret => println!("{}", gancho::delivery::sign::generate_secret()),
+        Command::Receive { listen, secret } => {
+            let key =
+                gancho::config::parse_secret_text(&secret).map_err(|message| anyhow::anyhow!("--secret: {message}"))?;
+            let receiver =
+                demo::receiver::Receiver::start_on(listen, Some(gancho::config::Secret::from_key(key))).await?;
+            receiver.on_receive(|webhook| {
+                let check = if webhook.verified {
+                    "signature ok"
+                } else {
+                    "SIGNATURE INVALID"
+                };
+                println!(
+                    "{} {} {check} {}",
+                    webhook.webhook_id,
+                    webhook.event_type(),
+                    String::from_utf8_lossy(&webhook.body)
+                );
+            });
+            receiver.reject_invalid_signatures();
+            println!("listening on http://{}/ (any path)", receiver.address());
+            let shutdown = CancellationToken::new();
+            tokio::spawn(stop_on_signal(shutdown.clone()));
+            shutdown.cancelled().await;
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

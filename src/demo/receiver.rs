@@ -7,7 +7,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU16, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -67,6 +67,7 @@ struct State {
     status: AtomicU16,
     delay_ms: AtomicU64,
     failures_left: AtomicUsize,
+    reject_invalid: AtomicBool,
     received: Mutex<Vec<ReceivedWebhook>>,
     arrived: Notify,
     on_receive: Mutex<Option<ReceiveCallback>>,
@@ -93,6 +94,7 @@ impl Receiver {
             status: AtomicU16::new(200),
             delay_ms: AtomicU64::new(0),
             failures_left: AtomicUsize::new(0),
+            reject_invalid: AtomicBool::new(false),
             received: Mutex::new(Vec::new()),
             arrived: Notify::new(),
             on_receive: Mutex::new(None),
@@ -138,6 +140,12 @@ impl Receiver {
     /// Answers the next `count` requests with 500, then with the set status.
     pub fn fail_next(&self, count: usize) {
         self.state.failures_left.store(count, Ordering::SeqCst);
+    }
+
+    /// Answers 401 to requests whose signature does not verify, as a real
+    /// receiver should.
+    pub fn reject_invalid_signatures(&self) {
+        self.state.reject_invalid.store(true, Ordering::SeqCst);
     }
 
     /// Calls `callback` for each request as it arrives (the demo prints them).
@@ -202,11 +210,6 @@ async fn handle(state: Arc<State>, request: Request<Incoming>) -> Result<Respons
         .failures_left
         .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |left| left.checked_sub(1))
         .is_ok();
-    let status = if failing {
-        500
-    } else {
-        state.status.load(Ordering::SeqCst)
-    };
 
     let header = |name: &str| {
         headers
@@ -223,6 +226,13 @@ async fn handle(state: Arc<State>, request: Request<Incoming>) -> Result<Respons
     let verified = match (&state.secret, timestamp.parse::<i64>()) {
         (Some(secret), Ok(seconds)) => verify(secret, &webhook_id, seconds, &body, &signature),
         _ => false,
+    };
+    let status = if failing {
+        500
+    } else if !verified && state.reject_invalid.load(Ordering::SeqCst) {
+        401
+    } else {
+        state.status.load(Ordering::SeqCst)
     };
     let received = ReceivedWebhook {
         path,
