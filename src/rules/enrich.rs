@@ -62,8 +62,10 @@ pub fn wrapped_sql(enrichment: &Enrichment) -> String {
 }
 
 /// Runs one enrichment query for a row and returns its rows as JSON objects.
+/// `statement` is the query prepared with [`wrapped_sql`] on this connection.
 pub async fn run(
     transaction: &tokio_postgres::Transaction<'_>,
+    statement: &tokio_postgres::Statement,
     enrichment: &Enrichment,
     row: &Row,
 ) -> Result<Vec<Value>, tokio_postgres::Error> {
@@ -77,7 +79,6 @@ pub async fn run(
         .map(|parameter| parameter as &(dyn ToSql + Sync))
         .collect();
 
-    let statement = transaction.prepare(&wrapped_sql(enrichment)).await?;
-    let rows = transaction.query(&statement, &references).await?;
+    let rows = transaction.query(statement, &references).await?;
     Ok(rows.iter().map(|result| result.get::<_, Value>(0)).collect())
 }

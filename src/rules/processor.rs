@@ -96,6 +96,7 @@ impl Processor {
         let mut states = load_states(&transaction, &self.config.rules, &changes).await?;
         let mut dirty_states: BTreeSet<(String, String)> = BTreeSet::new();
         let mut events = Vec::new();
+        let mut statements = StatementCache::new();
         for change in &changes {
             if change.operation == Operation::Truncate {
                 tracing::warn!(change_id = change.id, table = %change.table, "watched table truncated; rules do not see the removed rows");
@@ -118,7 +119,10 @@ impl Processor {
                     }
                 }
                 if let Some(found) = found {
-                    events.push(self.build_event(&transaction, rule, change, found).await?);
+                    events.push(
+                        self.build_event(&transaction, &mut statements, rule, change, found)
+                            .await?,
+                    );
                 }
             }
         }
@@ -152,6 +156,7 @@ impl Processor {
     async fn build_event(
         &self,
         transaction: &Transaction<'_>,
+        statements: &mut StatementCache,
         rule: &Rule,
         change: &Change,
         found: RuleMatch,
@@ -174,7 +179,7 @@ impl Processor {
         data.insert("change_id".into(), Value::from(change.id));
         data.extend(found.details);
 
-        let errors = self.enrich(transaction, rule, change, &mut data).await?;
+        let errors = self.enrich(transaction, statements, rule, change, &mut data).await?;
         if !errors.is_empty() {
             data.insert("errors".into(), Value::Object(errors));
         }
@@ -204,6 +209,7 @@ impl Processor {
     async fn enrich(
         &self,
         transaction: &Transaction<'_>,
+        statements: &mut StatementCache,
         rule: &Rule,
         change: &Change,
         data: &mut Map<String, Value>,
@@ -217,9 +223,20 @@ impl Processor {
             row.extend(current.clone());
         }
 
-        for enrichment in &rule.enrich {
+        for (index, enrichment) in rule.enrich.iter().enumerate() {
             transaction.batch_execute("savepoint gancho_enrich").await?;
-            match enrich::run(transaction, enrichment, &row).await {
+            let result = match statements.get(&(rule.name.clone(), index)) {
+                Some(statement) => enrich::run(transaction, statement, enrichment, &row).await,
+                None => match transaction.prepare(&enrich::wrapped_sql(enrichment)).await {
+                    Ok(statement) => {
+                        let result = enrich::run(transaction, &statement, enrichment, &row).await;
+                        statements.insert((rule.name.clone(), index), statement);
+                        result
+                    }
+                    Err(error) => Err(error),
+                },
+            };
+            match result {
                 Ok(rows) => {
                     transaction.batch_execute("release savepoint gancho_enrich").await?;
                     data.insert(enrichment.name.clone(), Value::Array(rows));
@@ -265,6 +282,9 @@ fn parse_change(row: &tokio_postgres::Row) -> Option<Change> {
 }
 
 type StateMap = HashMap<(String, String), Option<String>>;
+
+/// Enrichment queries prepared once per batch, by rule name and position.
+type StatementCache = HashMap<(String, usize), tokio_postgres::Statement>;
 
 async fn load_states(
     transaction: &Transaction<'_>,

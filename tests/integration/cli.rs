@@ -165,3 +165,32 @@ async fn install_print_matches_install() {
         1
     );
 }
+
+#[tokio::test]
+async fn run_without_install_says_what_to_do() {
+    let db = TestDb::create().await;
+    db.execute("create table stock (id int primary key, quantity int)")
+        .await;
+    let config = format!(
+        "database_url = \"{}\"\n[[source]]\nname = \"stock\"\ntable = \"stock\"\nkey = [\"id\"]\ncolumns = [\"quantity\"]\n",
+        db.url
+    );
+    let (code, output) = tokio::task::spawn_blocking(move || run(&["run"], &config, &[]))
+        .await
+        .unwrap();
+    assert_eq!(code, 1, "{output}");
+    assert!(
+        output.contains("error: gancho is not installed in this database; run `gancho install --config FILE` first"),
+        "{output}"
+    );
+}
+
+#[test]
+fn missing_config_path_is_explained() {
+    let output = gancho_command().arg("check").output().expect("gancho runs");
+    assert_eq!(output.status.code(), Some(2));
+    assert_eq!(
+        String::from_utf8_lossy(&output.stderr).trim(),
+        "error: no config file given: pass --config FILE or set GANCHO_CONFIG"
+    );
+}

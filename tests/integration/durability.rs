@@ -157,3 +157,101 @@ async fn sigkill_under_load_loses_nothing() {
     // Only requests in flight at the kill may arrive twice: at most max_in_flight (8).
     assert!(duplicates <= 8, "{duplicates} duplicates");
 }
+
+/// With polling set to a minute, only notifications and the scan after a
+/// reconnection can deliver within the test's timeouts.
+fn notify_only_config(database_url: &str, receiver_url: &str) -> String {
+    config_text(database_url, receiver_url, ORDERS).replace("poll_interval = \"200ms\"", "poll_interval = \"60s\"")
+}
+
+#[tokio::test]
+async fn listener_reconnects_after_backend_killed() {
+    let db = TestDb::create().await;
+    db.execute("create table orders (id int primary key, state text)").await;
+    let receiver = receiver().await;
+    let config = parse_config(&notify_only_config(&db.url, &receiver.url()), &[]);
+    install(&db, &config).await;
+    let sidecar = start_sidecar(config);
+
+    db.execute("insert into orders values (1, 'new')").await;
+    assert_eq!(receiver.wait_for(1, Duration::from_secs(15)).await.len(), 1);
+
+    // Kill every connection of the sidecar, then change a row during the gap.
+    let terminated = db
+        .count(&format!(
+            "select count(pg_terminate_backend(pid)) from pg_stat_activity where datname = '{}' and application_name = 'gancho'",
+            db.name
+        ))
+        .await;
+    assert!(
+        terminated >= 2,
+        "the LISTEN connection and a pool connection: {terminated}"
+    );
+    db.execute("insert into orders values (2, 'new')").await;
+    assert_eq!(
+        receiver.wait_for(2, Duration::from_secs(15)).await.len(),
+        2,
+        "the gap's change arrives"
+    );
+
+    // The new LISTEN connection receives notifications again.
+    db.execute("insert into orders values (3, 'new')").await;
+    assert_eq!(receiver.wait_for(3, Duration::from_secs(15)).await.len(), 3);
+    sidecar.stop().await;
+
+    let counts = per_order(&receiver);
+    assert_eq!(counts.len(), 3);
+    assert!(counts.values().all(|count| *count == 1), "{counts:?}");
+}
+
+#[tokio::test]
+async fn postgres_restart_loses_nothing() {
+    // A cluster of this test's own, since restarting a shared server would
+    // disturb the other tests.
+    let mut cluster = tokio::task::spawn_blocking(gancho::demo::cluster::TempCluster::start)
+        .await
+        .unwrap()
+        .expect("a throwaway cluster starts");
+    let url = cluster.url("postgres");
+    let admin = connect(&url).await;
+    admin
+        .batch_execute("create table orders (id int primary key, state text)")
+        .await
+        .unwrap();
+    drop(admin);
+    let receiver = receiver().await;
+    let config = parse_config(&notify_only_config(&url, &receiver.url()), &[]);
+    let mut installer = connect(&url).await;
+    gancho::capture::install(&mut installer, &config)
+        .await
+        .expect("gancho installs");
+    drop(installer);
+    let sidecar = start_sidecar(config);
+
+    let writer = connect(&url).await;
+    writer
+        .batch_execute("insert into orders values (1, 'new')")
+        .await
+        .unwrap();
+    assert_eq!(receiver.wait_for(1, Duration::from_secs(15)).await.len(), 1);
+
+    let mut cluster = tokio::task::spawn_blocking(move || {
+        cluster.restart().expect("the cluster restarts");
+        cluster
+    })
+    .await
+    .unwrap();
+    let writer = connect(&cluster.url("postgres")).await;
+    writer
+        .batch_execute("insert into orders values (2, 'new'), (3, 'new')")
+        .await
+        .unwrap();
+    let received = receiver.wait_for(3, Duration::from_secs(30)).await;
+    sidecar.stop().await;
+    cluster.stop();
+
+    assert_eq!(received.len(), 3);
+    let counts = per_order(&receiver);
+    assert_eq!(counts.len(), 3);
+    assert!(counts.values().all(|count| *count == 1), "{counts:?}");
+}
