@@ -255,3 +255,64 @@ async fn postgres_restart_loses_nothing() {
     assert_eq!(counts.len(), 3);
     assert!(counts.values().all(|count| *count == 1), "{counts:?}");
 }
+
+async fn wait_until_claimed(db: &TestDb) {
+    let claimed = wait_for_count(
+        db,
+        "select count(*) from gancho.delivery where lease_until is not null",
+        1,
+        Duration::from_secs(15),
+    )
+    .await;
+    assert_eq!(claimed, 1, "the delivery was claimed");
+}
+
+#[tokio::test]
+async fn shutdown_lets_requests_in_flight_finish() {
+    let db = TestDb::create().await;
+    db.execute("create table orders (id int primary key, state text)").await;
+    let receiver = receiver().await;
+    receiver.set_delay(Duration::from_millis(1500));
+    let config = parse_config(&config_text(&db.url, &receiver.url(), ORDERS), &[]);
+    install(&db, &config).await;
+    let sidecar = start_sidecar(config);
+
+    db.execute("insert into orders values (1, 'new')").await;
+    wait_until_claimed(&db).await;
+    sidecar.stop().await;
+
+    assert_eq!(receiver.received().len(), 1);
+    assert_eq!(
+        db.count("select count(*) from gancho.delivery where status = 'delivered'")
+            .await,
+        1
+    );
+}
+
+#[tokio::test]
+async fn shutdown_timeout_releases_unfinished_leases() {
+    let db = TestDb::create().await;
+    db.execute("create table orders (id int primary key, state text)").await;
+    let receiver = receiver().await;
+    receiver.set_delay(Duration::from_secs(5));
+    let text = config_text(&db.url, &receiver.url(), ORDERS)
+        .replace("shutdown_timeout = \"2s\"", "shutdown_timeout = \"300ms\"")
+        .replace("\ntimeout = \"2s\"", "\ntimeout = \"8s\"");
+    let config = parse_config(&text, &[]);
+    install(&db, &config).await;
+    let sidecar = start_sidecar(config);
+
+    db.execute("insert into orders values (1, 'new')").await;
+    wait_until_claimed(&db).await;
+    sidecar.stop().await;
+
+    let client = db.client().await;
+    let row = client
+        .query_one("select status, attempts, lease_until is null from gancho.delivery", &[])
+        .await
+        .expect("the delivery is readable");
+    assert_eq!(row.get::<_, String>(0), "pending");
+    assert_eq!(row.get::<_, i32>(1), 0, "the abandoned attempt is not counted");
+    assert!(row.get::<_, bool>(2), "the lease is released for the next start");
+    assert_eq!(db.count("select count(*) from gancho.attempt").await, 0);
+}
