@@ -31,6 +31,8 @@ create table if not exists gancho.watched (
     installed_at timestamptz not null default now()
 );
 
+alter table gancho.watched add column if not exists fire_always boolean not null default false;
+
 -- The outbox: one row per captured change, written inside the shop's own
 -- transaction. It is the durable record; NOTIFY only wakes the sidecar.
 create table if not exists gancho.outbox (
@@ -49,6 +51,8 @@ create table if not exists gancho.outbox (
 -- Keeps the claim of unprocessed changes an index scan however much
 -- processed history the table holds.
 create index if not exists outbox_unprocessed on gancho.outbox (id) where processed_at is null;
+-- Lets retention find old processed rows without reading the whole table.
+create index if not exists outbox_processed on gancho.outbox (processed_at) where processed_at is not null;
 
 -- Per-rule, per-row memory, used by threshold rules with a rearm level.
 create table if not exists gancho.rule_state (
@@ -71,6 +75,7 @@ create table if not exists gancho.event (
 );
 
 create index if not exists event_outbox on gancho.event (outbox_id);
+create index if not exists event_created on gancho.event (created_at);
 
 -- One row per event and endpoint. The webhook_id is fixed at creation and
 -- sent unchanged on every attempt, so receivers can deduplicate on it.
@@ -90,8 +95,22 @@ create table if not exists gancho.delivery (
 );
 
 create index if not exists delivery_due on gancho.delivery (endpoint, next_attempt_at, id) where status = 'pending';
+-- Finds whether an earlier delivery of the same source row still waits, for
+-- endpoints that receive each row's deliveries in order.
+create index if not exists delivery_pending_key on gancho.delivery (endpoint, ordering_key, id) where status = 'pending';
 create index if not exists delivery_dead on gancho.delivery (endpoint, id) where status = 'dead';
 create index if not exists delivery_event on gancho.delivery (event_id);
+
+-- The health of each endpoint, shared by all sidecars: consecutive failures,
+-- a pause while the circuit breaker is open, and why it was disabled.
+create table if not exists gancho.endpoint_state (
+    endpoint text primary key,
+    consecutive_failures integer not null default 0,
+    failing_since timestamptz,
+    paused_until timestamptz,
+    disabled_at timestamptz,
+    disabled_reason text
+);
 
 -- Every HTTP attempt, successful or not.
 create table if not exists gancho.attempt (
@@ -200,8 +219,13 @@ $$;
 
 -- Install (or reinstall) the capture triggers of one source on one table.
 -- Raises an error naming the column when a key or captured column does not
--- exist, so a typo fails at install time, not silently at run time.
-create or replace function gancho.watch(source_name text, target regclass, key_columns text[], columns text[]) returns void
+-- exist, so a typo fails at install time, not silently at run time. With
+-- fire_always, the triggers also fire under session_replication_role =
+-- replica, which restores and replication tools set.
+drop function if exists gancho.watch(text, regclass, text[], text[]);
+create or replace function gancho.watch(
+    source_name text, target regclass, key_columns text[], columns text[], fire_always boolean default false
+) returns void
 language plpgsql
 set search_path = pg_catalog, pg_temp
 as $$
@@ -244,8 +268,12 @@ begin
     execute format(
         'create trigger %I after truncate on %s for each statement execute function gancho.capture(%L, %L, %L)',
         'gancho_' || source_name || '_truncate', target, source_name, key_columns, columns);
+    if fire_always then
+        execute format('alter table %s enable always trigger %I', target, 'gancho_' || source_name);
+        execute format('alter table %s enable always trigger %I', target, 'gancho_' || source_name || '_truncate');
+    end if;
 
-    insert into gancho.watched (source, table_schema, table_name, key_columns, columns)
-    values (source_name, schema_name, relation_name, key_columns, columns);
+    insert into gancho.watched (source, table_schema, table_name, key_columns, columns, fire_always)
+    values (source_name, schema_name, relation_name, key_columns, columns, fire_always);
 end
 $$;

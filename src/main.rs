@@ -79,6 +79,13 @@ enum Command {
         #[arg(long)]
         endpoint: Option<String>,
     },
+    /// Show endpoint health, or enable or disable an endpoint.
+    Endpoint {
+        #[command(flatten)]
+        config: ConfigArgs,
+        #[command(subcommand)]
+        action: EndpointAction,
+    },
     /// Show the three jobs end to end on a demo shop, with nothing to set up.
     Demo,
     /// Print a new random signing secret (whsec_...).
@@ -92,6 +99,16 @@ enum Command {
         #[arg(long, env = "RECEIVER_SECRET", hide_env_values = true)]
         secret: String,
     },
+}
+
+#[derive(Subcommand)]
+enum EndpointAction {
+    /// List each endpoint's waiting and dead deliveries, breaker and status.
+    List,
+    /// Enable an endpoint again and send what waited for it at once.
+    Enable { name: String },
+    /// Stop sending to an endpoint; its deliveries wait until it is enabled.
+    Disable { name: String },
 }
 
 /// A failure and the exit code it maps to.
@@ -227,6 +244,24 @@ async fn execute(command: Command) -> Result<ExitCode, Failure> {
             let queued = deliveries::redeliver(&client, &ids, dead, endpoint.as_deref()).await?;
             println!("{} deliveries queued again: {:?}", queued.len(), queued);
         }
+        Command::Endpoint { config, action } => {
+            let config = load(&config)?;
+            let client = db::connect(&db::parse_url(&config.database_url)?).await?;
+            match action {
+                EndpointAction::List => print_endpoints(&client).await?,
+                EndpointAction::Enable { name } => {
+                    require_endpoint(&config, &name)?;
+                    gancho::delivery::health::register(&client, &name).await?;
+                    gancho::delivery::health::enable(&client, &name).await?;
+                    println!("endpoint \"{name}\" enabled");
+                }
+                EndpointAction::Disable { name } => {
+                    require_endpoint(&config, &name)?;
+                    gancho::delivery::health::disable(&client, &name, "disabled by an operator").await?;
+                    println!("endpoint \"{name}\" disabled; `gancho endpoint enable {name}` sends what waits");
+                }
+            }
+        }
         Command::Demo => {
             let url = std::env::var("DATABASE_URL").ok().filter(|url| !url.is_empty());
             demo::run(url).await?;
@@ -258,6 +293,38 @@ async fn execute(command: Command) -> Result<ExitCode, Failure> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn require_endpoint(config: &Config, name: &str) -> Result<(), Failure> {
+    if config.endpoint(name).is_none() {
+        let known: Vec<&str> = config.endpoints.iter().map(|endpoint| endpoint.name.as_str()).collect();
+        return Err(anyhow::anyhow!("unknown endpoint {name:?}; the config has: {}", known.join(", ")).into());
+    }
+    Ok(())
+}
+
+async fn print_endpoints(client: &tokio_postgres::Client) -> Result<(), Failure> {
+    println!(
+        "{:<20}  {:>8}  {:>6}  {:>8}  status",
+        "endpoint", "pending", "dead", "failures"
+    );
+    for row in gancho::operations::endpoints::list(client).await? {
+        let status = match (&row.disabled_at, &row.paused_until) {
+            (Some(_), _) => format!("disabled: {}", row.disabled_reason.unwrap_or_default()),
+            (None, Some(until)) if *until > chrono::Utc::now() => {
+                format!(
+                    "paused until {}",
+                    until.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+                )
+            }
+            _ => "active".to_string(),
+        };
+        println!(
+            "{:<20}  {:>8}  {:>6}  {:>8}  {status}",
+            row.endpoint, row.pending, row.dead, row.consecutive_failures
+        );
+    }
+    Ok(())
 }
 
 async fn run_check(args: &ConfigArgs) -> Result<ExitCode, Failure> {

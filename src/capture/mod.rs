@@ -40,11 +40,12 @@ pub fn install_script(config: &Config) -> String {
 
 fn watch_statement(source: &Source) -> String {
     format!(
-        "select gancho.watch({}, {}, {}, {});",
+        "select gancho.watch({}, {}, {}, {}, {});",
         sql_literal(&source.name),
         sql_literal(&source.qualified_table()),
         text_array(&source.key),
         text_array(&source.columns),
+        source.fire_in_replica_mode,
     )
 }
 
@@ -112,10 +113,12 @@ mod tests {
             table: "order".into(),
             key: vec!["id".into()],
             columns: vec!["State".into()],
+            truncate_event: "orders.truncated".into(),
+            fire_in_replica_mode: false,
         };
         assert_eq!(
             watch_statement(&source),
-            "select gancho.watch('orders', '\"Shop\".\"order\"', array['id'], array['State']);"
+            "select gancho.watch('orders', '\"Shop\".\"order\"', array['id'], array['State'], false);"
         );
     }
 }

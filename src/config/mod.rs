@@ -54,6 +54,11 @@ pub struct Source {
     pub table: String,
     pub key: Vec<String>,
     pub columns: Vec<String>,
+    /// The event type emitted when the table is truncated.
+    pub truncate_event: String,
+    /// Whether the triggers also fire under `session_replication_role = replica`
+    /// (`ENABLE ALWAYS TRIGGER`), as restores and replication tools set it.
+    pub fire_in_replica_mode: bool,
 }
 
 impl Source {
@@ -213,6 +218,12 @@ pub struct Endpoint {
     pub max_in_flight: usize,
     /// The delay before each retry; a delivery gets `retry_schedule.len() + 1` attempts.
     pub retry_schedule: Vec<Duration>,
+    /// Whether deliveries of one source row reach this endpoint one at a time, in commit order.
+    pub ordered: bool,
+    /// Consecutive failed attempts after which the endpoint as a whole is paused.
+    pub breaker_threshold: u32,
+    /// How long an endpoint may fail without a success before it is disabled.
+    pub disable_after: Duration,
 }
 
 impl Endpoint {
@@ -258,6 +269,10 @@ pub struct SidecarSettings {
     pub shutdown_timeout: Duration,
     pub enrich_timeout: Duration,
     pub pool_size: usize,
+    /// How long processed changes and fully delivered events are kept.
+    pub retention: Duration,
+    /// How often the LISTEN connection is checked with a query.
+    pub liveness_interval: Duration,
 }
 
 impl Default for SidecarSettings {
@@ -269,6 +284,8 @@ impl Default for SidecarSettings {
             shutdown_timeout: Duration::from_secs(10),
             enrich_timeout: Duration::from_secs(5),
             pool_size: 4,
+            retention: Duration::from_secs(7 * 86_400),
+            liveness_interval: Duration::from_secs(30),
         }
     }
 }

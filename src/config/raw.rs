@@ -27,6 +27,9 @@ pub struct RawSource {
     pub key: Vec<String>,
     #[serde(default)]
     pub columns: Vec<String>,
+    pub truncate_event: Option<String>,
+    #[serde(default)]
+    pub fire_in_replica_mode: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -80,6 +83,9 @@ pub struct RawEndpoint {
     pub timeout: Option<String>,
     pub max_in_flight: Option<i64>,
     pub retry_schedule: Option<Vec<String>>,
+    pub ordered: Option<bool>,
+    pub breaker_threshold: Option<i64>,
+    pub disable_after: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -91,4 +97,6 @@ pub struct RawSidecar {
     pub shutdown_timeout: Option<String>,
     pub enrich_timeout: Option<String>,
     pub pool_size: Option<i64>,
+    pub retention: Option<String>,
+    pub liveness_interval: Option<String>,
 }

@@ -173,12 +173,20 @@ fn validate_sources(raw_sources: &[RawSource], problems: &mut Problems) -> Vec<S
             }
         }
 
+        let truncate_event = raw
+            .truncate_event
+            .clone()
+            .unwrap_or_else(|| format!("{}.truncated", raw.name));
+        check_event_name(&format!("{key}.truncate_event"), &truncate_event, problems);
+
         sources.push(Source {
             name: raw.name.clone(),
             schema,
             table,
             key: raw.key.clone(),
             columns: raw.columns.clone(),
+            truncate_event,
+            fire_in_replica_mode: raw.fire_in_replica_mode,
         });
     }
     check_unique(sources.iter().map(|source| source.name.as_str()), "source", problems);
@@ -774,6 +782,24 @@ fn validate_endpoint(
         }
     };
 
+    let breaker_threshold = match raw.breaker_threshold {
+        None => 5,
+        Some(count) if (1..=1000).contains(&count) => count as u32,
+        Some(count) => {
+            problems.error(
+                format!("{key}.breaker_threshold"),
+                format!("{count} is out of range; use 1 to 1000"),
+            );
+            5
+        }
+    };
+    let disable_after = duration_or_default(
+        &format!("{key}.disable_after"),
+        raw.disable_after.as_deref(),
+        Duration::from_secs(5 * 86_400),
+        problems,
+    );
+
     if problems.errors.len() > error_count {
         return None;
     }
@@ -786,6 +812,9 @@ fn validate_endpoint(
         timeout,
         max_in_flight,
         retry_schedule,
+        ordered: raw.ordered.unwrap_or(true),
+        breaker_threshold,
+        disable_after,
     })
 }
 
@@ -863,6 +892,18 @@ fn validate_sidecar(raw: &RawSidecar, problems: &mut Problems) -> SidecarSetting
             "sidecar.shutdown_timeout",
             raw.shutdown_timeout.as_deref(),
             defaults.shutdown_timeout,
+            problems,
+        ),
+        retention: duration_or_default(
+            "sidecar.retention",
+            raw.retention.as_deref(),
+            defaults.retention,
+            problems,
+        ),
+        liveness_interval: duration_or_default(
+            "sidecar.liveness_interval",
+            raw.liveness_interval.as_deref(),
+            defaults.liveness_interval,
             problems,
         ),
         enrich_timeout: duration_or_default(

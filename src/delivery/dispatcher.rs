@@ -18,6 +18,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use super::health::{self, Health};
 use super::retry::next_delay;
 use super::send::{AttemptResult, ClaimedDelivery, http_client, send};
 use crate::config::{Endpoint, SidecarSettings};
@@ -55,6 +56,11 @@ impl Dispatcher {
     }
 
     pub async fn run(self) {
+        if let Ok(client) = self.pool.get().await
+            && let Err(error) = health::register(&client, &self.endpoint.name).await
+        {
+            tracing::warn!(endpoint = %self.endpoint.name, error = %error, "cannot register the endpoint's state");
+        }
         let semaphore = Arc::new(Semaphore::new(self.endpoint.max_in_flight));
         let mut in_flight = JoinSet::new();
         let mut failures = 0u32;
@@ -64,10 +70,21 @@ impl Dispatcher {
                 break;
             }
 
-            // Claim as many deliveries as there are free request slots.
-            let free = semaphore.available_permits();
-            let mut claimed_count = 0;
+            // Claim as many deliveries as there are free request slots, unless
+            // the endpoint as a whole is paused or disabled.
             let mut wait = self.settings.poll_interval;
+            let slots = match self.check_health(&mut failures).await {
+                Ok((slots, health_wait)) => {
+                    wait = health_wait.unwrap_or(wait);
+                    slots
+                }
+                Err(delay) => {
+                    wait = delay;
+                    0
+                }
+            };
+            let free = semaphore.available_permits().min(slots);
+            let mut claimed_count = 0;
             if free > 0 {
                 match self.claim(free).await {
                     Ok(deliveries) => {
@@ -158,20 +175,29 @@ impl Dispatcher {
         let lease_ms = self.settings.lease.as_millis() as f64;
         let rows = client
             .query(
+                // With ordering on, only the oldest waiting delivery of each source
+                // row may be claimed, so a row's deliveries go one at a time in
+                // commit order, across retries and sidecars. A failing row holds
+                // back only its own later deliveries.
                 "with due as (
-                     select id from gancho.delivery
-                     where endpoint = $1 and status = 'pending' and next_attempt_at <= now()
-                       and (lease_until is null or lease_until < now())
-                     order by next_attempt_at, id
+                     select d.id from gancho.delivery d
+                     where d.endpoint = $1 and d.status = 'pending' and d.next_attempt_at <= now()
+                       and (d.lease_until is null or d.lease_until < now())
+                       and (not $4 or not exists (
+                           select 1 from gancho.delivery earlier
+                           where earlier.endpoint = d.endpoint and earlier.ordering_key = d.ordering_key
+                             and earlier.status = 'pending' and earlier.id < d.id
+                       ))
+                     order by d.next_attempt_at, d.id
                      limit $2
-                     for update skip locked
+                     for update of d skip locked
                  )
                  update gancho.delivery d
                  set lease_until = now() + $3 * interval '1 millisecond', attempts = d.attempts + 1
                  from due, gancho.event e
                  where d.id = due.id and e.id = d.event_id
                  returning d.id, d.webhook_id, d.attempts, e.id, e.type, e.data, e.occurred_at",
-                &[&self.endpoint.name, &(limit as i64), &lease_ms],
+                &[&self.endpoint.name, &(limit as i64), &lease_ms, &self.endpoint.ordered],
             )
             .await?;
 
@@ -193,6 +219,39 @@ impl Dispatcher {
             .expect("claimed set lock")
             .extend(deliveries.iter().map(|delivery| delivery.id));
         Ok(deliveries)
+    }
+
+    /// Reads the endpoint's health and returns how many requests may start
+    /// now, with how long to wait when none may. A database error returns the
+    /// backoff delay instead.
+    async fn check_health(&self, failures: &mut u32) -> Result<(usize, Option<Duration>), Duration> {
+        let health = async {
+            let client = self.pool.get().await.map_err(db::DbError::Checkout)?;
+            health::read(&client, &self.endpoint).await.map_err(db::DbError::Query)
+        }
+        .await;
+        match health {
+            Ok(Health::Healthy) => Ok((usize::MAX, None)),
+            Ok(Health::Probing) => Ok((1, None)),
+            Ok(Health::Paused { until }) => {
+                let remaining = (until - chrono::Utc::now()).to_std().unwrap_or(Duration::ZERO);
+                Ok((
+                    0,
+                    Some(
+                        remaining
+                            .max(Duration::from_millis(10))
+                            .min(self.settings.poll_interval),
+                    ),
+                ))
+            }
+            Ok(Health::Disabled { .. }) => Ok((0, Some(self.settings.poll_interval))),
+            Err(error) => {
+                *failures += 1;
+                let delay = db::reconnect_delay(*failures);
+                tracing::warn!(endpoint = %self.endpoint.name, error = %crate::sidecar::error_chain(&error), retry_in_ms = delay.as_millis() as u64, "reading the endpoint's health failed");
+                Err(delay)
+            }
+        }
     }
 
     async fn time_until_next_due(&self) -> Option<Duration> {
@@ -237,7 +296,35 @@ impl Dispatcher {
     }
 }
 
-/// Writes the attempt and the delivery's new status in one statement.
+/// What happens to a delivery after an attempt.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Verdict {
+    Delivered,
+    Retry(Duration),
+    Dead,
+    /// The receiver answered 410 Gone: the endpoint is disabled and the
+    /// delivery waits for it to be enabled again.
+    Gone,
+}
+
+fn verdict(endpoint: &Endpoint, delivery: &ClaimedDelivery, result: &AttemptResult) -> Verdict {
+    if result.succeeded() {
+        return Verdict::Delivered;
+    }
+    if result.status_code == Some(410) {
+        return Verdict::Gone;
+    }
+    match next_delay(&endpoint.retry_schedule, delivery.attempt as u32) {
+        None => Verdict::Dead,
+        Some(scheduled) => match result.retry_after {
+            Some(requested) => Verdict::Retry(requested.min(health::MAX_RETRY_AFTER)),
+            None => Verdict::Retry(scheduled),
+        },
+    }
+}
+
+/// Writes the attempt and the delivery's new status in one statement, then
+/// updates the endpoint's health.
 async fn record(
     pool: &Pool,
     endpoint: &Endpoint,
@@ -245,29 +332,38 @@ async fn record(
     result: &AttemptResult,
 ) -> Result<(), db::DbError> {
     let latency_ms = result.latency.as_secs_f64() * 1000.0;
-    let (status, delay) = if result.succeeded() {
-        tracing::info!(status = result.status_code, latency_ms, "delivered");
-        ("delivered", Duration::ZERO)
-    } else {
-        match next_delay(&endpoint.retry_schedule, delivery.attempt as u32) {
-            Some(delay) => {
-                tracing::warn!(
-                    status = result.status_code,
-                    error = result.error.as_deref().unwrap_or(""),
-                    retry_in_ms = delay.as_millis() as u64,
-                    "delivery attempt failed; will retry"
-                );
-                ("pending", delay)
-            }
-            None => {
-                tracing::error!(
-                    status = result.status_code,
-                    error = result.error.as_deref().unwrap_or(""),
-                    attempts = delivery.attempt,
-                    "delivery dead after its last attempt"
-                );
-                ("dead", Duration::ZERO)
-            }
+    let verdict = verdict(endpoint, delivery, result);
+    let error = result.error.as_deref().unwrap_or("");
+    let (status, delay, attempts_used) = match verdict {
+        Verdict::Delivered => {
+            tracing::info!(status = result.status_code, latency_ms, "delivered");
+            ("delivered", Duration::ZERO, delivery.attempt)
+        }
+        Verdict::Retry(delay) => {
+            tracing::warn!(
+                status = result.status_code,
+                error,
+                retry_in_ms = delay.as_millis() as u64,
+                "delivery attempt failed; will retry"
+            );
+            ("pending", delay, delivery.attempt)
+        }
+        Verdict::Dead => {
+            tracing::error!(
+                status = result.status_code,
+                error,
+                attempts = delivery.attempt,
+                "delivery dead after its last attempt"
+            );
+            ("dead", Duration::ZERO, delivery.attempt)
+        }
+        Verdict::Gone => {
+            tracing::error!(
+                status = 410,
+                "receiver answered 410 Gone; endpoint disabled until `gancho endpoint enable`"
+            );
+            // The attempt does not count, so the full schedule is left after re-enabling.
+            ("pending", Duration::ZERO, delivery.attempt - 1)
         }
     };
 
@@ -284,6 +380,7 @@ async fn record(
              set status = $8,
                  next_attempt_at = now() + $9 * interval '1 millisecond',
                  lease_until = null,
+                 attempts = $10,
                  finished_at = case when $8 = 'pending' then null else now() end,
                  last_error = $6
              where id = $1 and attempts = $2",
@@ -297,11 +394,29 @@ async fn record(
                 &result.response_body,
                 &status,
                 &delay_ms,
+                &attempts_used,
             ],
         )
         .await?;
     if updated == 0 {
         tracing::warn!("the lease was taken over while the request ran; the other sidecar's result stands");
+    }
+
+    match verdict {
+        Verdict::Delivered => health::record_success(&client, &endpoint.name).await?,
+        Verdict::Gone => health::disable(&client, &endpoint.name, "the receiver answered 410 Gone").await?,
+        Verdict::Retry(_) | Verdict::Dead => {
+            let state = health::record_failure(&client, endpoint, result.retry_after).await?;
+            if state.disabled_now {
+                tracing::error!(
+                    consecutive_failures = state.consecutive_failures,
+                    "endpoint disabled after failing for {}; enable it with `gancho endpoint enable`",
+                    crate::config::format_duration(endpoint.disable_after)
+                );
+            } else if let Some(until) = state.paused_until {
+                tracing::warn!(consecutive_failures = state.consecutive_failures, paused_until = %until, "endpoint paused");
+            }
+        }
     }
     Ok(())
 }

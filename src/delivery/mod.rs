@@ -2,6 +2,7 @@
 //! that send each delivery and record every attempt.
 
 pub mod dispatcher;
+pub mod health;
 pub mod retry;
 pub mod send;
 pub mod sign;

@@ -43,6 +43,8 @@ pub struct AttemptResult {
     pub status_code: Option<u16>,
     pub error: Option<String>,
     pub response_body: Option<String>,
+    /// The receiver's Retry-After, read on 429 and 503 answers only.
+    pub retry_after: Option<Duration>,
 }
 
 impl AttemptResult {
@@ -96,6 +98,14 @@ pub async fn send(client: &reqwest::Client, endpoint: &Endpoint, delivery: &Clai
     let outcome = match request.body(body).send().await {
         Ok(response) => {
             let status = response.status().as_u16();
+            let retry_after = match status {
+                429 | 503 => response
+                    .headers()
+                    .get(reqwest::header::RETRY_AFTER)
+                    .and_then(|value| value.to_str().ok())
+                    .and_then(|value| parse_retry_after(value, Utc::now())),
+                _ => None,
+            };
             let (response_body, read_error) = read_limited(response).await;
             AttemptResult {
                 started_at,
@@ -103,6 +113,7 @@ pub async fn send(client: &reqwest::Client, endpoint: &Endpoint, delivery: &Clai
                 status_code: Some(status),
                 error: read_error.or_else(|| (!(200..300).contains(&status)).then(|| format!("HTTP status {status}"))),
                 response_body: Some(response_body),
+                retry_after,
             }
         }
         Err(error) => AttemptResult {
@@ -111,12 +122,24 @@ pub async fn send(client: &reqwest::Client, endpoint: &Endpoint, delivery: &Clai
             status_code: None,
             error: Some(describe_error(&error, endpoint.timeout)),
             response_body: None,
+            retry_after: None,
         },
     };
     AttemptResult {
         latency: clock.elapsed(),
         ..outcome
     }
+}
+
+/// Reads a Retry-After value: a number of seconds, or an HTTP date. A date in
+/// the past means no wait.
+pub fn parse_retry_after(value: &str, now: DateTime<Utc>) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let date = DateTime::parse_from_rfc2822(value).ok()?.with_timezone(&Utc);
+    Some((date - now).to_std().unwrap_or(Duration::ZERO))
 }
 
 /// Reads at most [`MAX_RESPONSE_READ`] bytes and keeps the first
@@ -168,4 +191,28 @@ fn describe_error(error: &reqwest::Error, timeout: Duration) -> String {
         cause = inner.source();
     }
     message
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_reads_seconds_and_dates() {
+        let now = DateTime::parse_from_rfc3339("2026-12-04T10:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        assert_eq!(parse_retry_after("120", now), Some(Duration::from_secs(120)));
+        assert_eq!(parse_retry_after(" 0 ", now), Some(Duration::ZERO));
+        assert_eq!(
+            parse_retry_after("Fri, 04 Dec 2026 10:01:30 GMT", now),
+            Some(Duration::from_secs(90))
+        );
+        assert_eq!(
+            parse_retry_after("Fri, 04 Dec 2026 09:00:00 GMT", now),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(parse_retry_after("soon", now), None);
+        assert_eq!(parse_retry_after("-5", now), None);
+    }
 }

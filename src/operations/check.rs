@@ -87,7 +87,7 @@ pub async fn check(client: &tokio_postgres::Client, config: &Config) -> Result<C
 }
 
 /// The table's columns and their types, or `None` when the table does not exist.
-async fn table_columns(
+pub async fn table_columns(
     client: &tokio_postgres::Client,
     source: &Source,
 ) -> Result<Option<Vec<(String, String)>>, tokio_postgres::Error> {
@@ -178,12 +178,17 @@ async fn check_installation(
     }
 
     let rows = client
-        .query("select source, key_columns, columns from gancho.watched", &[])
+        .query(
+            "select source, key_columns, columns, fire_always from gancho.watched",
+            &[],
+        )
         .await?;
     for (index, source) in config.sources.iter().enumerate() {
         let found = rows.iter().find(|row| row.get::<_, String>(0) == source.name);
         let current = found.is_some_and(|row| {
-            row.get::<_, Vec<String>>(1) == source.key && row.get::<_, Vec<String>>(2) == source.columns
+            row.get::<_, Vec<String>>(1) == source.key
+                && row.get::<_, Vec<String>>(2) == source.columns
+                && row.get::<_, bool>(3) == source.fire_in_replica_mode
         });
         if !current {
             report.warnings.push(Problem {

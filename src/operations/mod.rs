@@ -3,3 +3,4 @@
 
 pub mod check;
 pub mod deliveries;
+pub mod endpoints;

@@ -99,7 +99,10 @@ impl Processor {
         let mut statements = StatementCache::new();
         for change in &changes {
             if change.operation == Operation::Truncate {
-                tracing::warn!(change_id = change.id, table = %change.table, "watched table truncated; rules do not see the removed rows");
+                if let Some(event) = self.truncate_event(change) {
+                    tracing::warn!(change_id = change.id, table = %change.table, event_type = %event.event_type, "watched table truncated");
+                    events.push(event);
+                }
                 continue;
             }
             for rule in self.config.rules.iter().filter(|rule| rule.source == change.source) {
@@ -153,6 +156,42 @@ impl Processor {
         Ok(outcome)
     }
 
+    /// A TRUNCATE removes rows without a row trigger firing, so rules cannot
+    /// see it; it becomes the source's own event type instead.
+    fn truncate_event(&self, change: &Change) -> Option<PendingEvent> {
+        let source = self.config.source(&change.source)?;
+        let mut data = Map::new();
+        data.insert("rule".into(), Value::Null);
+        data.insert("source".into(), Value::String(change.source.clone()));
+        data.insert("table".into(), Value::String(change.table.clone()));
+        data.insert("operation".into(), Value::String(change.operation.as_str().into()));
+        data.insert("key".into(), Value::Null);
+        data.insert("old".into(), Value::Null);
+        data.insert("new".into(), Value::Null);
+        data.insert("changed_at".into(), Value::String(change.changed_at.to_rfc3339()));
+        data.insert("change_id".into(), Value::from(change.id));
+
+        Some(PendingEvent {
+            outbox_id: change.id,
+            // Not a valid rule name, so it cannot collide with a rule's events.
+            rule: ":truncate".to_string(),
+            endpoints: self.endpoints_for(&source.truncate_event),
+            event_type: source.truncate_event.clone(),
+            data: Value::Object(data),
+            occurred_at: change.changed_at,
+            ordering_key: format!("{}:truncate", change.source),
+        })
+    }
+
+    fn endpoints_for(&self, event_type: &str) -> Vec<String> {
+        self.config
+            .endpoints
+            .iter()
+            .filter(|endpoint| endpoint.accepts(event_type))
+            .map(|endpoint| endpoint.name.clone())
+            .collect()
+    }
+
     async fn build_event(
         &self,
         transaction: &Transaction<'_>,
@@ -184,13 +223,7 @@ impl Processor {
             data.insert("errors".into(), Value::Object(errors));
         }
 
-        let endpoints = self
-            .config
-            .endpoints
-            .iter()
-            .filter(|endpoint| endpoint.accepts(&found.event_type))
-            .map(|endpoint| endpoint.name.clone())
-            .collect();
+        let endpoints = self.endpoints_for(&found.event_type);
         Ok(PendingEvent {
             outbox_id: change.id,
             rule: rule.name.clone(),

@@ -18,17 +18,30 @@ use crate::db;
 /// The channel that the capture trigger notifies.
 pub const CHANNEL: &str = "gancho";
 
-/// How often the idle connection is checked with a query, on top of TCP keepalives.
-const LIVENESS_INTERVAL: Duration = Duration::from_secs(30);
-const LIVENESS_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest wait for the liveness query's answer.
+const MAX_LIVENESS_TIMEOUT: Duration = Duration::from_secs(10);
 
-pub async fn run(config: tokio_postgres::Config, wake: Arc<Notify>, shutdown: CancellationToken) {
+/// The share of the server's notification queue above which a warning is
+/// logged: when the queue fills, every NOTIFY and so every shop write fails.
+const QUEUE_WARNING_LEVEL: f64 = 0.5;
+
+/// Runs the LISTEN connection until `shutdown`. Every `liveness_interval` the
+/// connection runs a query, on top of TCP keepalives, so a server that went
+/// silent without closing the connection is noticed in bounded time.
+pub async fn run(
+    mut config: tokio_postgres::Config,
+    liveness_interval: Duration,
+    wake: Arc<Notify>,
+    shutdown: CancellationToken,
+) {
+    // A name of its own, so operators can tell it from the pool in pg_stat_activity.
+    config.application_name("gancho-listener");
     let mut failures = 0u32;
     loop {
         let reason = tokio::select! {
             biased;
             _ = shutdown.cancelled() => return,
-            reason = listen_once(&config, &wake, &mut failures) => reason,
+            reason = listen_once(&config, liveness_interval, &wake, &mut failures) => reason,
         };
 
         failures += 1;
@@ -43,7 +56,12 @@ pub async fn run(config: tokio_postgres::Config, wake: Arc<Notify>, shutdown: Ca
 }
 
 /// Runs one LISTEN connection until it fails, and returns why.
-async fn listen_once(config: &tokio_postgres::Config, wake: &Notify, failures: &mut u32) -> String {
+async fn listen_once(
+    config: &tokio_postgres::Config,
+    liveness_interval: Duration,
+    wake: &Notify,
+    failures: &mut u32,
+) -> String {
     let (client, mut connection) = match config.connect(NoTls).await {
         Ok(pair) => pair,
         Err(error) => return format!("connect failed: {error}"),
@@ -79,7 +97,8 @@ async fn listen_once(config: &tokio_postgres::Config, wake: &Notify, failures: &
     *failures = 0;
     wake.notify_one();
 
-    let mut liveness = tokio::time::interval(LIVENESS_INTERVAL);
+    let liveness_timeout = liveness_interval.min(MAX_LIVENESS_TIMEOUT);
+    let mut liveness = tokio::time::interval(liveness_interval);
     liveness.tick().await;
     loop {
         tokio::select! {
@@ -93,15 +112,21 @@ async fn listen_once(config: &tokio_postgres::Config, wake: &Notify, failures: &
                 wake.notify_one();
             }
             _ = liveness.tick() => {
-                match tokio::time::timeout(LIVENESS_TIMEOUT, client.simple_query("select 1")).await {
-                    Ok(Ok(_)) => {}
+                let check = client.query_one("select pg_notification_queue_usage()", &[]);
+                match tokio::time::timeout(liveness_timeout, check).await {
+                    Ok(Ok(row)) => {
+                        let usage: f64 = row.get(0);
+                        if usage > QUEUE_WARNING_LEVEL {
+                            tracing::warn!(usage_percent = (usage * 100.0).round(), "the Postgres notification queue is more than half full; a session that LISTENs without reading (or sits idle in a transaction) holds it");
+                        }
+                    }
                     Ok(Err(error)) => {
                         driver.abort();
                         return format!("liveness query failed: {error}");
                     }
                     Err(_) => {
                         driver.abort();
-                        return format!("liveness query timed out after {}s", LIVENESS_TIMEOUT.as_secs());
+                        return format!("liveness query timed out after {}", crate::config::format_duration(liveness_timeout));
                     }
                 }
             }

@@ -2,6 +2,7 @@
 //! processor and one dispatcher per endpoint, all stopped by one token.
 
 pub mod listener;
+pub mod maintenance;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -48,6 +49,7 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
     let mut tasks = JoinSet::new();
     tasks.spawn(listener::run(
         pg_config.clone(),
+        config.sidecar.liveness_interval,
         Arc::clone(&processor_wake),
         shutdown.clone(),
     ));
@@ -58,6 +60,7 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
         endpoint_wakes.clone(),
         shutdown.clone(),
     ));
+    tasks.spawn(maintenance::run(Arc::clone(&config), pool.clone(), shutdown.clone()));
     for endpoint in &config.endpoints {
         let dispatcher = Dispatcher::new(
             Arc::new(endpoint.clone()),
@@ -115,7 +118,7 @@ async fn connect_with_retry(
 async fn warn_about_install_drift(client: &tokio_postgres::Client, config: &Config) {
     let rows = match client
         .query(
-            "select source, table_schema, table_name, key_columns, columns from gancho.watched",
+            "select source, table_schema, table_name, key_columns, columns, fire_always from gancho.watched",
             &[],
         )
         .await
@@ -126,9 +129,10 @@ async fn warn_about_install_drift(client: &tokio_postgres::Client, config: &Conf
             return;
         }
     };
-    let installed: HashMap<String, (String, String, Vec<String>, Vec<String>)> = rows
+    type Installed = (String, String, Vec<String>, Vec<String>, bool);
+    let installed: HashMap<String, Installed> = rows
         .iter()
-        .map(|row| (row.get(0), (row.get(1), row.get(2), row.get(3), row.get(4))))
+        .map(|row| (row.get(0), (row.get(1), row.get(2), row.get(3), row.get(4), row.get(5))))
         .collect();
 
     for source in &config.sources {
@@ -137,6 +141,7 @@ async fn warn_about_install_drift(client: &tokio_postgres::Client, config: &Conf
             source.table.clone(),
             source.key.clone(),
             source.columns.clone(),
+            source.fire_in_replica_mode,
         );
         match installed.get(&source.name) {
             None => tracing::warn!(source = %source.name, "source has no triggers; run `gancho install --config FILE`"),

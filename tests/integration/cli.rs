@@ -153,7 +153,7 @@ async fn install_print_matches_install() {
         .unwrap();
     assert_eq!(code, 0, "{script}");
     assert!(
-        script.contains("select gancho.watch('orders', 'public.\"order\"', array['id'], array['state']);"),
+        script.contains("select gancho.watch('orders', 'public.\"order\"', array['id'], array['state'], false);"),
         "{script}"
     );
 
