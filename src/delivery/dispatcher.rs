@@ -24,6 +24,30 @@ use super::send::{AttemptResult, ClaimedDelivery, http_client, send};
 use crate::config::{Endpoint, SidecarSettings};
 use crate::db;
 
+/// Claims up to `$2` due deliveries of endpoint `$1` with a lease of `$3`
+/// milliseconds. With ordering on (`$4`), only the oldest waiting delivery of
+/// each source row may be claimed, so a row's deliveries go one at a time in
+/// commit order, across retries and sidecars, and a failing row holds back
+/// only its own later deliveries.
+pub const CLAIM_SQL: &str = "with due as (
+         select d.id from gancho.delivery d
+         where d.endpoint = $1 and d.status = 'pending' and d.next_attempt_at <= now()
+           and (d.lease_until is null or d.lease_until < now())
+           and (not $4 or not exists (
+               select 1 from gancho.delivery earlier
+               where earlier.endpoint = d.endpoint and earlier.ordering_key = d.ordering_key
+                 and earlier.status = 'pending' and earlier.id < d.id
+           ))
+         order by d.next_attempt_at, d.id
+         limit $2
+         for update of d skip locked
+     )
+     update gancho.delivery d
+     set lease_until = now() + $3 * interval '1 millisecond', attempts = d.attempts + 1
+     from due, gancho.event e
+     where d.id = due.id and e.id = d.event_id
+     returning d.id, d.webhook_id, d.attempts, e.id, e.type, e.data, e.occurred_at";
+
 pub struct Dispatcher {
     endpoint: Arc<Endpoint>,
     pool: Pool,
@@ -175,28 +199,7 @@ impl Dispatcher {
         let lease_ms = self.settings.lease.as_millis() as f64;
         let rows = client
             .query(
-                // With ordering on, only the oldest waiting delivery of each source
-                // row may be claimed, so a row's deliveries go one at a time in
-                // commit order, across retries and sidecars. A failing row holds
-                // back only its own later deliveries.
-                "with due as (
-                     select d.id from gancho.delivery d
-                     where d.endpoint = $1 and d.status = 'pending' and d.next_attempt_at <= now()
-                       and (d.lease_until is null or d.lease_until < now())
-                       and (not $4 or not exists (
-                           select 1 from gancho.delivery earlier
-                           where earlier.endpoint = d.endpoint and earlier.ordering_key = d.ordering_key
-                             and earlier.status = 'pending' and earlier.id < d.id
-                       ))
-                     order by d.next_attempt_at, d.id
-                     limit $2
-                     for update of d skip locked
-                 )
-                 update gancho.delivery d
-                 set lease_until = now() + $3 * interval '1 millisecond', attempts = d.attempts + 1
-                 from due, gancho.event e
-                 where d.id = due.id and e.id = d.event_id
-                 returning d.id, d.webhook_id, d.attempts, e.id, e.type, e.data, e.occurred_at",
+                CLAIM_SQL,
                 &[&self.endpoint.name, &(limit as i64), &lease_ms, &self.endpoint.ordered],
             )
             .await?;

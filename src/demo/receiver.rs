@@ -66,6 +66,7 @@ struct State {
     secret: Option<Secret>,
     status: AtomicU16,
     delay_ms: AtomicU64,
+    retry_after: Mutex<Option<String>>,
     failures_left: AtomicUsize,
     reject_invalid: AtomicBool,
     received: Mutex<Vec<ReceivedWebhook>>,
@@ -93,6 +94,7 @@ impl Receiver {
             secret,
             status: AtomicU16::new(200),
             delay_ms: AtomicU64::new(0),
+            retry_after: Mutex::new(None),
             failures_left: AtomicUsize::new(0),
             reject_invalid: AtomicBool::new(false),
             received: Mutex::new(Vec::new()),
@@ -130,6 +132,11 @@ impl Receiver {
     /// Answers every later request with this status code.
     pub fn set_status(&self, status: u16) {
         self.state.status.store(status, Ordering::SeqCst);
+    }
+
+    /// Sends this Retry-After header value with every later answer.
+    pub fn set_retry_after(&self, value: Option<&str>) {
+        *self.state.retry_after.lock().expect("receiver lock") = value.map(str::to_string);
     }
 
     /// Waits this long before answering each later request.
@@ -253,8 +260,11 @@ async fn handle(state: Arc<State>, request: Request<Incoming>) -> Result<Respons
     state.received.lock().expect("receiver lock").push(received);
     state.arrived.notify_waiters();
 
-    let response = Response::builder()
-        .status(status)
+    let mut response = Response::builder().status(status);
+    if let Some(value) = state.retry_after.lock().expect("receiver lock").as_deref() {
+        response = response.header("retry-after", value);
+    }
+    let response = response
         .header("content-type", "text/plain")
         .body(Full::new(Bytes::from(if status < 300 { "ok" } else { "not accepted" })))
         .expect("a static response is valid");

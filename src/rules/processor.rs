@@ -24,6 +24,12 @@ use crate::config::{Config, Rule};
 /// number works; this one spells "gancho" in ASCII.
 const PROCESSOR_LOCK: i64 = 0x67_61_6e_63_68_6f;
 
+/// Reads the oldest `$1` unprocessed changes. Rows of transactions that are
+/// still open are invisible here and are taken by a later batch once
+/// committed, so no change is skipped for having an older id.
+pub const CLAIM_CHANGES_SQL: &str = "select id, source, table_name, operation, key, old, new, changed_at
+     from gancho.outbox where processed_at is null order by id limit $1";
+
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct BatchOutcome {
     /// Outbox rows consumed.
@@ -80,11 +86,7 @@ impl Processor {
         // Claim the oldest unprocessed rows. Rows of transactions that are still
         // open are invisible here and are taken by a later batch once committed.
         let rows = transaction
-            .query(
-                "select id, source, table_name, operation, key, old, new, changed_at
-                 from gancho.outbox where processed_at is null order by id limit $1",
-                &[&self.config.sidecar.batch_size],
-            )
+            .query(CLAIM_CHANGES_SQL, &[&self.config.sidecar.batch_size])
             .await?;
         if rows.is_empty() {
             return Ok(BatchOutcome::default());

@@ -5,5 +5,6 @@ mod cli;
 mod delivery;
 mod durability;
 mod examples;
+mod reliability;
 mod rules;
 mod support;
