@@ -112,6 +112,9 @@ create table if not exists gancho.endpoint_state (
     disabled_reason text
 );
 
+-- The length of the current circuit-breaker pause, doubled by each failed probe.
+alter table gancho.endpoint_state add column if not exists pause_ms double precision;
+
 -- Every HTTP attempt, successful or not.
 create table if not exists gancho.attempt (
     id bigint generated always as identity primary key,

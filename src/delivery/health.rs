@@ -13,7 +13,7 @@ use chrono::{DateTime, Utc};
 
 use crate::config::{Endpoint, format_duration};
 
-/// The first pause when the breaker opens; each further failure doubles it.
+/// The first pause when the breaker opens; each failed probe doubles it.
 pub const BREAKER_BASE_PAUSE: Duration = Duration::from_secs(5);
 pub const BREAKER_MAX_PAUSE: Duration = Duration::from_secs(300);
 /// The longest Retry-After that is honoured; longer values are cut to this.
@@ -80,7 +80,7 @@ pub async fn record_success(client: &tokio_postgres::Client, endpoint: &str) -> 
     client
         .execute(
             "update gancho.endpoint_state
-             set consecutive_failures = 0, failing_since = null, paused_until = null
+             set consecutive_failures = 0, failing_since = null, paused_until = null, pause_ms = null
              where endpoint = $1 and (consecutive_failures > 0 or paused_until is not null or failing_since is not null)",
             &[&endpoint],
         )
@@ -114,13 +114,18 @@ pub async fn record_failure(
     );
     let row = client
         .query_one(
+            // A failure opens the breaker only when the endpoint is not already
+            // paused: requests that were in flight when it opened fail too, and
+            // must not stretch the pause. Each failed probe doubles the pause.
             "update gancho.endpoint_state
              set consecutive_failures = consecutive_failures + 1,
                  failing_since = coalesce(failing_since, now()),
+                 pause_ms = case when coalesce(paused_until, '-infinity') <= now() and consecutive_failures + 1 >= $2
+                     then least(coalesce(pause_ms * 2, $3::float8), $4::float8) else pause_ms end,
                  paused_until = greatest(
-                     case when consecutive_failures + 1 >= $2 then now() + least(
-                         $3::float8 * power(2, least(consecutive_failures + 1 - $2, 16)), $4::float8
-                     ) * interval '1 millisecond' end,
+                     case when coalesce(paused_until, '-infinity') <= now() and consecutive_failures + 1 >= $2
+                         then now() + least(coalesce(pause_ms * 2, $3::float8), $4::float8) * interval '1 millisecond'
+                         else paused_until end,
                      now() + $5::float8 * interval '1 millisecond'
                  ),
                  disabled_at = case when disabled_at is null and now() - coalesce(failing_since, now()) >= $6::float8 * interval '1 millisecond'
@@ -169,7 +174,8 @@ pub async fn enable(client: &tokio_postgres::Client, endpoint: &str) -> Result<b
     let updated = client
         .execute(
             "update gancho.endpoint_state
-             set disabled_at = null, disabled_reason = null, consecutive_failures = 0, failing_since = null, paused_until = null
+             set disabled_at = null, disabled_reason = null, consecutive_failures = 0, failing_since = null,
+                 paused_until = null, pause_ms = null
              where endpoint = $1",
             &[&endpoint],
         )

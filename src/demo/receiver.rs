@@ -68,6 +68,7 @@ struct State {
     delay_ms: AtomicU64,
     retry_after: Mutex<Option<String>>,
     failures_left: AtomicUsize,
+    failing_until: Mutex<Option<Instant>>,
     reject_invalid: AtomicBool,
     received: Mutex<Vec<ReceivedWebhook>>,
     arrived: Notify,
@@ -96,6 +97,7 @@ impl Receiver {
             delay_ms: AtomicU64::new(0),
             retry_after: Mutex::new(None),
             failures_left: AtomicUsize::new(0),
+            failing_until: Mutex::new(None),
             reject_invalid: AtomicBool::new(false),
             received: Mutex::new(Vec::new()),
             arrived: Notify::new(),
@@ -147,6 +149,11 @@ impl Receiver {
     /// Answers the next `count` requests with 500, then with the set status.
     pub fn fail_next(&self, count: usize) {
         self.state.failures_left.store(count, Ordering::SeqCst);
+    }
+
+    /// Answers every request with 500 for this long, like a receiver that is down.
+    pub fn fail_for(&self, duration: Duration) {
+        *self.state.failing_until.lock().expect("receiver lock") = Some(Instant::now() + duration);
     }
 
     /// Answers 401 to requests whose signature does not verify, as a real
@@ -213,10 +220,16 @@ async fn handle(state: Arc<State>, request: Request<Incoming>) -> Result<Respons
     if delay > 0 {
         tokio::time::sleep(Duration::from_millis(delay)).await;
     }
-    let failing = state
-        .failures_left
-        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |left| left.checked_sub(1))
-        .is_ok();
+    let down = state
+        .failing_until
+        .lock()
+        .expect("receiver lock")
+        .is_some_and(|until| Instant::now() < until);
+    let failing = down
+        || state
+            .failures_left
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |left| left.checked_sub(1))
+            .is_ok();
 
     let header = |name: &str| {
         headers
