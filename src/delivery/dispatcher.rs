@@ -334,7 +334,8 @@ async fn record(
     delivery: &ClaimedDelivery,
     result: &AttemptResult,
 ) -> Result<(), db::DbError> {
-    let latency_ms = result.latency.as_secs_f64() * 1000.0;
+    // Microsecond precision is all a latency needs, and it reads well in logs.
+    let latency_ms = (result.latency.as_secs_f64() * 1_000_000.0).round() / 1000.0;
     let verdict = verdict(endpoint, delivery, result);
     let error = result.error.as_deref().unwrap_or("");
     let (status, delay, attempts_used) = match verdict {
