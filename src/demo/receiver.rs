@@ -67,6 +67,7 @@ struct State {
     status: AtomicU16,
     delay_ms: AtomicU64,
     retry_after: Mutex<Option<String>>,
+    response_body: Mutex<Option<Bytes>>,
     failures_left: AtomicUsize,
     failing_until: Mutex<Option<Instant>>,
     reject_invalid: AtomicBool,
@@ -96,6 +97,7 @@ impl Receiver {
             status: AtomicU16::new(200),
             delay_ms: AtomicU64::new(0),
             retry_after: Mutex::new(None),
+            response_body: Mutex::new(None),
             failures_left: AtomicUsize::new(0),
             failing_until: Mutex::new(None),
             reject_invalid: AtomicBool::new(false),
@@ -134,6 +136,11 @@ impl Receiver {
     /// Answers every later request with this status code.
     pub fn set_status(&self, status: u16) {
         self.state.status.store(status, Ordering::SeqCst);
+    }
+
+    /// Answers with this body instead of "ok" or "not accepted".
+    pub fn set_response_body(&self, body: Bytes) {
+        *self.state.response_body.lock().expect("receiver lock") = Some(body);
     }
 
     /// Sends this Retry-After header value with every later answer.
@@ -273,13 +280,20 @@ async fn handle(state: Arc<State>, request: Request<Incoming>) -> Result<Respons
     state.received.lock().expect("receiver lock").push(received);
     state.arrived.notify_waiters();
 
+    let default_body = Bytes::from(if status < 300 { "ok" } else { "not accepted" });
+    let body = state
+        .response_body
+        .lock()
+        .expect("receiver lock")
+        .clone()
+        .unwrap_or(default_body);
     let mut response = Response::builder().status(status);
     if let Some(value) = state.retry_after.lock().expect("receiver lock").as_deref() {
         response = response.header("retry-after", value);
     }
     let response = response
         .header("content-type", "text/plain")
-        .body(Full::new(Bytes::from(if status < 300 { "ok" } else { "not accepted" })))
+        .body(Full::new(body))
         .expect("a static response is valid");
     Ok(response)
 }

@@ -323,3 +323,40 @@ shutdown_timeout = "1s"
         )
     );
 }
+
+#[tokio::test]
+async fn large_response_body_is_cut() {
+    let db = orders_db().await;
+    let receiver = receiver().await;
+    receiver.set_response_body(bytes::Bytes::from("é".repeat(1_000_000)));
+    let config = parse_config(&config_text(&db.url, &receiver.url(), ORDERS), &[]);
+    install(&db, &config).await;
+    let sidecar = start_sidecar(config);
+
+    db.execute("insert into orders values (1, 'complete')").await;
+    let delivered = wait_for_count(
+        &db,
+        "select count(*) from gancho.delivery where status = 'delivered'",
+        1,
+        Duration::from_secs(20),
+    )
+    .await;
+    sidecar.stop().await;
+
+    assert_eq!(
+        delivered, 1,
+        "a 2 MB answer is read only in part and does not fail the delivery"
+    );
+    let stored: String = db
+        .client()
+        .await
+        .query_one("select response_body from gancho.attempt", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        stored,
+        "é".repeat(512),
+        "the first 1 KiB is stored, cut at a character boundary"
+    );
+}
