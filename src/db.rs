@@ -11,8 +11,13 @@ use tokio_postgres::error::SqlState;
 pub enum DbError {
     #[error("invalid database URL (the value of database_url): {0}")]
     InvalidUrl(#[source] tokio_postgres::Error),
-    #[error("cannot connect to Postgres")]
-    Connect(#[source] tokio_postgres::Error),
+    #[error("cannot connect to Postgres at {target}{hint}")]
+    Connect {
+        target: String,
+        hint: &'static str,
+        #[source]
+        source: tokio_postgres::Error,
+    },
     #[error("cannot build the connection pool")]
     Pool(#[source] deadpool_postgres::BuildError),
     #[error("no connection available from the pool")]
@@ -53,13 +58,41 @@ pub fn parse_url(url: &str) -> Result<tokio_postgres::Config, DbError> {
 
 /// Opens one connection and drives it on a spawned task.
 pub async fn connect(config: &tokio_postgres::Config) -> Result<tokio_postgres::Client, DbError> {
-    let (client, connection) = config.connect(NoTls).await.map_err(DbError::Connect)?;
+    let (client, connection) = config
+        .connect(NoTls)
+        .await
+        .map_err(|source| connect_error(config, source))?;
     tokio::spawn(async move {
         if let Err(error) = connection.await {
             tracing::debug!(error = %error, "database connection closed");
         }
     });
     Ok(client)
+}
+
+/// Describes a failed connection with the server it tried, and a hint for
+/// the one setting gancho cannot follow.
+pub fn connect_error(config: &tokio_postgres::Config, source: tokio_postgres::Error) -> DbError {
+    let hosts: Vec<String> = config
+        .get_hosts()
+        .iter()
+        .map(|host| match host {
+            tokio_postgres::config::Host::Tcp(name) => name.clone(),
+            tokio_postgres::config::Host::Unix(path) => path.display().to_string(),
+        })
+        .collect();
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    let database = config.get_dbname().unwrap_or("(default database)");
+    let hint = if config.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
+        " (gancho does not support TLS to Postgres yet; use sslmode=disable or prefer)"
+    } else {
+        ""
+    };
+    DbError::Connect {
+        target: format!("{}:{port}/{database}", hosts.join(",")),
+        hint,
+        source,
+    }
 }
 
 pub fn pool(config: &tokio_postgres::Config, size: usize) -> Result<Pool, DbError> {

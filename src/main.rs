@@ -27,7 +27,7 @@ struct Cli {
 #[derive(clap::Args)]
 struct ConfigArgs {
     /// Path of the TOML config file.
-    #[arg(long, short, env = "GANCHO_CONFIG")]
+    #[arg(long, short, env = "GANCHO_CONFIG", global = true)]
     config: Option<PathBuf>,
 }
 
@@ -76,6 +76,7 @@ enum Command {
         /// Every dead delivery (of --endpoint, when given).
         #[arg(long)]
         dead: bool,
+        /// Only deliveries to this endpoint.
         #[arg(long)]
         endpoint: Option<String>,
     },
@@ -179,11 +180,13 @@ async fn execute(command: Command) -> Result<ExitCode, Failure> {
             sidecar::run(config, shutdown).await?;
         }
         Command::Install { config, print } => {
-            let config = load(&config)?;
             if print {
-                print!("{}", capture::install_script(&config));
+                // The SQL needs only the sources, so no secret or database is required.
+                let path = config.config.as_deref().ok_or(gancho::config::ConfigError::NoPath)?;
+                print!("{}", capture::install_script(&Config::load_for_capture(path)?));
                 return Ok(ExitCode::SUCCESS);
             }
+            let config = load(&config)?;
             let mut client = db::connect(&db::parse_url(&config.database_url)?).await?;
             capture::install(&mut client, &config).await?;
             for source in &config.sources {
@@ -197,6 +200,10 @@ async fn execute(command: Command) -> Result<ExitCode, Failure> {
                 None => load(&config)?.database_url,
             };
             let mut client = db::connect(&db::parse_url(&url)?).await?;
+            if let Err(db::DbError::NotInstalled) = db::check_schema(&client).await {
+                println!("gancho is not installed in this database; nothing to remove");
+                return Ok(ExitCode::SUCCESS);
+            }
             let sources = capture::uninstall(&mut client).await?;
             for source in &sources {
                 println!("removed the triggers of source \"{source}\"");
@@ -211,7 +218,7 @@ async fn execute(command: Command) -> Result<ExitCode, Failure> {
             limit,
         } => {
             let config = load(&config)?;
-            let client = db::connect(&db::parse_url(&config.database_url)?).await?;
+            let client = connect_installed(&config).await?;
             let rows = deliveries::list(&client, status.as_deref(), endpoint.as_deref(), limit).await?;
             println!(
                 "{:>8}  {:<36}  {:<18}  {:<24}  {:<9}  {:>8}  {:<25}  last error",
@@ -243,13 +250,32 @@ async fn execute(command: Command) -> Result<ExitCode, Failure> {
                 );
             }
             let config = load(&config)?;
-            let client = db::connect(&db::parse_url(&config.database_url)?).await?;
+            if let Some(name) = &endpoint {
+                require_endpoint(&config, name)?;
+            }
+            let client = connect_installed(&config).await?;
             let queued = deliveries::redeliver(&client, &ids, dead, endpoint.as_deref()).await?;
-            println!("{} deliveries queued again: {:?}", queued.len(), queued);
+            println!("deliveries queued again: {}", queued.len());
+            for id in &queued {
+                println!("  {id}");
+            }
+            let missing: Vec<String> = ids
+                .iter()
+                .filter(|id| !queued.contains(id))
+                .map(i64::to_string)
+                .collect();
+            if !missing.is_empty() {
+                return Err(anyhow::anyhow!(
+                    "no delivery with id {}{}; see `gancho deliveries`",
+                    missing.join(", "),
+                    if endpoint.is_some() { " for that endpoint" } else { "" }
+                )
+                .into());
+            }
         }
         Command::Endpoint { config, action } => {
             let config = load(&config)?;
-            let client = db::connect(&db::parse_url(&config.database_url)?).await?;
+            let client = connect_installed(&config).await?;
             match action {
                 EndpointAction::List => print_endpoints(&client).await?,
                 EndpointAction::Enable { name } => {
@@ -261,7 +287,9 @@ async fn execute(command: Command) -> Result<ExitCode, Failure> {
                 EndpointAction::Disable { name } => {
                     require_endpoint(&config, &name)?;
                     gancho::delivery::health::disable(&client, &name, "disabled by an operator").await?;
-                    println!("endpoint \"{name}\" disabled; `gancho endpoint enable {name}` sends what waits");
+                    println!(
+                        "endpoint \"{name}\" disabled; `gancho endpoint enable {name} --config FILE` sends what waits"
+                    );
                 }
             }
         }
@@ -296,6 +324,13 @@ async fn execute(command: Command) -> Result<ExitCode, Failure> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Connects to the config's database and fails with the fix when gancho is not installed there.
+async fn connect_installed(config: &Config) -> Result<tokio_postgres::Client, Failure> {
+    let client = db::connect(&db::parse_url(&config.database_url)?).await?;
+    db::check_schema(&client).await?;
+    Ok(client)
 }
 
 fn require_endpoint(config: &Config, name: &str) -> Result<(), Failure> {

@@ -38,7 +38,7 @@ pub fn expand(text: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<Str
         match (lookup(name).filter(|value| !value.is_empty()), fallback) {
             (Some(value), _) => output.push_str(&value),
             (None, Some(fallback)) => output.push_str(fallback),
-            (None, None) => return Err(format!("environment variable {name} is not set")),
+            (None, None) => return Err(format!("environment variable {name} is not set or is empty")),
         }
         rest = &after_brace[close + 1..];
     }
@@ -72,7 +72,7 @@ mod tests {
     fn reports_unset_and_malformed_references() {
         assert_eq!(
             expand("${MISSING}", &lookup).unwrap_err(),
-            "environment variable MISSING is not set"
+            "environment variable MISSING is not set or is empty"
         );
         assert!(expand("${SECRET", &lookup).unwrap_err().contains("unclosed"));
         assert!(

@@ -342,6 +342,23 @@ impl Config {
         Config::parse(&text, path, &|name| std::env::var(name).ok())
     }
 
+    /// Reads a config for what the capture SQL needs (sources) and validates
+    /// its rules, but not the database URL or the endpoints.
+    pub fn load_for_capture(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let raw: raw::RawConfig = toml::from_str(&text).map_err(|source| ConfigError::Syntax {
+            path: path.to_owned(),
+            source,
+        })?;
+        validate::validate(raw, &|name| std::env::var(name).ok(), true).map_err(|problems| ConfigError::Invalid {
+            path: path.to_owned(),
+            problems,
+        })
+    }
+
     /// Validates config text. `path` is only used in messages; `lookup` supplies
     /// the environment variables.
     pub fn parse(text: &str, path: &Path, lookup: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
@@ -349,7 +366,7 @@ impl Config {
             path: path.to_owned(),
             source,
         })?;
-        validate::validate(raw, lookup).map_err(|problems| ConfigError::Invalid {
+        validate::validate(raw, lookup, false).map_err(|problems| ConfigError::Invalid {
             path: path.to_owned(),
             problems,
         })

@@ -43,13 +43,21 @@ impl Problems {
     }
 }
 
-pub fn validate(raw: RawConfig, lookup: &dyn Fn(&str) -> Option<String>) -> Result<Config, Vec<Problem>> {
+/// Validates the raw config. With `capture_only`, the database URL and the
+/// endpoints are not read, so `gancho install --print` works without the
+/// secrets and the database that only the sidecar needs.
+pub fn validate(
+    raw: RawConfig,
+    lookup: &dyn Fn(&str) -> Option<String>,
+    capture_only: bool,
+) -> Result<Config, Vec<Problem>> {
     let mut problems = Problems {
         errors: Vec::new(),
         warnings: Vec::new(),
     };
 
     let database_url = match raw.database_url {
+        _ if capture_only => String::new(),
         None => {
             problems.error(
                 "database_url",
@@ -69,8 +77,8 @@ pub fn validate(raw: RawConfig, lookup: &dyn Fn(&str) -> Option<String>) -> Resu
         .collect();
     check_unique(rules.iter().map(|rule| rule.name.as_str()), "rule", &mut problems);
 
-    let endpoints: Vec<Endpoint> = raw
-        .endpoints
+    let raw_endpoints = if capture_only { &[][..] } else { &raw.endpoints[..] };
+    let endpoints: Vec<Endpoint> = raw_endpoints
         .iter()
         .enumerate()
         .filter_map(|(index, endpoint)| validate_endpoint(index, endpoint, lookup, &mut problems))

@@ -124,7 +124,7 @@ async fn warn_about_missing_columns(config: &Config, pool: &Pool) -> Result<(), 
                     source = %source.name,
                     table = %source.qualified_table(),
                     column = %column,
-                    "captured column no longer exists and reads as null; update the source's columns and run `gancho install`"
+                    "captured column does not exist in the table (renamed, dropped or misspelt) and reads as null; fix the source's columns and run `gancho install`"
                 );
             }
         }

@@ -55,7 +55,7 @@ timeout = "5 seconds"
     let (code, output) = run(&["check"], config, &[]);
     assert_eq!(code, 2, "{output}");
     for expected in [
-        "database_url: environment variable SHOP_DB is not set",
+        "database_url: environment variable SHOP_DB is not set or is empty",
         "rule[0] \"low\".value: column \"quantty\" is not captured by source \"stock\"",
         "rule[0] \"low\".rearm: rearm (5) must be at or above the limit (10)",
         "rule[1] \"gone\".source: unknown source \"warehouse\"; use one of the [[source]] names: stock",

@@ -8,7 +8,7 @@
 pub mod verify;
 
 use std::path::Path;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use gancho::config::{Config, Secret};
@@ -25,16 +25,31 @@ pub fn secret() -> Secret {
     Secret::from_key(gancho::config::parse_secret_text(SECRET).expect("the test secret is valid"))
 }
 
-static CLUSTER: OnceLock<TempCluster> = OnceLock::new();
+/// The throwaway cluster shared by the test binary. Statics are never
+/// dropped, so an exit handler stops it and removes its folder.
+static CLUSTER: Mutex<Option<TempCluster>> = Mutex::new(None);
+static CLUSTER_URL: OnceLock<String> = OnceLock::new();
+
+extern "C" fn remove_cluster() {
+    if let Ok(mut cluster) = CLUSTER.lock() {
+        drop(cluster.take());
+    }
+}
 
 /// The URL of the server's maintenance database.
 pub fn server_url() -> String {
     if let Some(url) = std::env::var("DATABASE_URL").ok().filter(|url| !url.is_empty()) {
         return url;
     }
-    CLUSTER
-        .get_or_init(|| TempCluster::start().expect("a throwaway Postgres cluster starts (or set DATABASE_URL)"))
-        .url("postgres")
+    CLUSTER_URL
+        .get_or_init(|| {
+            let cluster = TempCluster::start().expect("a throwaway Postgres cluster starts (or set DATABASE_URL)");
+            let url = cluster.url("postgres");
+            *CLUSTER.lock().expect("cluster lock") = Some(cluster);
+            unsafe { libc::atexit(remove_cluster) };
+            url
+        })
+        .clone()
 }
 
 /// The same server URL with another database.
