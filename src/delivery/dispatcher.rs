@@ -4,8 +4,8 @@
 //! Claiming takes a lease (`lease_until`) with `FOR UPDATE SKIP LOCKED`, so
 //! several sidecars share the work without sending a delivery twice, and a
 //! crashed sidecar's deliveries are taken over when its leases expire. Each
-//! claim also increments `attempts`; the result is only recorded while
-//! `attempts` still has the claimed value, which fences off a sidecar whose
+//! claim also increments `attempts`, and a result is recorded only while
+//! `attempts` still has the claimed value. That fences off a sidecar whose
 //! lease expired while its request was slow.
 
 use std::collections::HashSet;
@@ -26,7 +26,7 @@ use crate::db;
 
 /// Claims up to `$2` due deliveries of endpoint `$1` with a lease of `$3`
 /// milliseconds. With ordering on (`$4`), only the oldest waiting delivery of
-/// each source row may be claimed, so a row's deliveries go one at a time in
+/// each source row may be claimed. A row's deliveries then go one at a time in
 /// commit order, across retries and sidecars, and a failing row holds back
 /// only its own later deliveries.
 pub const CLAIM_SQL: &str = "with due as (
@@ -299,13 +299,13 @@ impl Dispatcher {
     }
 }
 
-/// What happens to a delivery after an attempt.
+/// The outcome of an attempt for its delivery.
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Verdict {
     Delivered,
     Retry(Duration),
     Dead,
-    /// The receiver answered 410 Gone: the endpoint is disabled and the
+    /// The receiver returned 410 Gone, so the endpoint is disabled and the
     /// delivery waits for it to be enabled again.
     Gone,
 }

@@ -19,7 +19,7 @@ pub const BREAKER_MAX_PAUSE: Duration = Duration::from_secs(300);
 /// The longest Retry-After that is honoured; longer values are cut to this.
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 
-/// What a dispatcher may do now.
+/// The endpoint's state, as far as its dispatcher is concerned.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Health {
     /// Send up to `max_in_flight` requests.
