@@ -65,7 +65,7 @@ shutdown_timeout = "3s"
     )
 }
 
-/// Inserts and updates orders until told to stop. Every committed change
+/// Inserts and updates orders until `stop` is set. Every committed change
 /// raises `version` by one, so the table itself tells afterwards which
 /// changes committed, whatever errors the writer saw during restarts.
 async fn write_traffic(url: String, writer: i64, stop: Arc<AtomicBool>) {

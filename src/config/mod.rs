@@ -290,7 +290,7 @@ impl Default for SidecarSettings {
     }
 }
 
-/// One problem in the config: the key it concerns and a message that says what to do.
+/// One problem in the config: the key it concerns and a message with the fix.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {
     pub key: String,

@@ -826,8 +826,8 @@ fn validate_endpoint(
     })
 }
 
-/// Decodes a `whsec_<base64>` secret. The Standard Webhooks specification asks
-/// for keys of 24 to 64 bytes.
+/// Decodes a `whsec_<base64>` secret. The Standard Webhooks specification recommends
+/// keys of 24 to 64 bytes.
 pub fn decode_secret(text: &str) -> Result<Vec<u8>, String> {
     const FIX: &str = "generate one with `gancho secret`";
     let Some(encoded) = text.strip_prefix(Secret::PREFIX) else {

@@ -1,4 +1,4 @@
-//! One HTTP attempt: build the envelope, sign it, POST it, and read the answer.
+//! One HTTP attempt: build the envelope, sign it, POST it, and read the response.
 
 use std::time::{Duration, Instant};
 
@@ -35,7 +35,7 @@ struct Envelope<'a> {
     data: &'a Value,
 }
 
-/// What one attempt produced.
+/// The result of one attempt.
 #[derive(Debug, Clone)]
 pub struct AttemptResult {
     pub started_at: DateTime<Utc>,
@@ -43,7 +43,7 @@ pub struct AttemptResult {
     pub status_code: Option<u16>,
     pub error: Option<String>,
     pub response_body: Option<String>,
-    /// The receiver's Retry-After, read on 429 and 503 answers only.
+    /// The receiver's Retry-After, read on 429 and 503 responses only.
     pub retry_after: Option<Duration>,
 }
 

@@ -2,7 +2,7 @@
 //! the machine, for `gancho demo` and for the tests when DATABASE_URL is unset.
 //!
 //! The cluster lives in a fresh temporary folder, listens on a free port on
-//! 127.0.0.1 with trust authentication, and runs with fsync off, since it holds
+//! 127.0.0.1 with trust authentication, and runs with fsync off, because it contains
 //! nothing worth keeping. Postgres refuses to run as root, so under root the
 //! server runs as the `postgres` user that Debian's package creates.
 
@@ -45,8 +45,8 @@ pub struct TempCluster {
 
 /// The thread that started the server and owns its process. The server gets
 /// SIGQUIT when this thread ends (PR_SET_PDEATHSIG), so a test process that
-/// dies never leaves a server behind; a dedicated thread is needed because the
-/// signal follows the thread that forked, not the process.
+/// dies does not leave a server behind. The thread is a dedicated one because
+/// the signal follows the thread that forked, not the process.
 struct Keeper {
     stop: mpsc::Sender<()>,
     thread: std::thread::JoinHandle<()>,

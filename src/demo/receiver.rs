@@ -1,7 +1,7 @@
 //! A webhook receiver on 127.0.0.1 that records every request and checks its
 //! signature, for `gancho demo` and the integration tests.
 //!
-//! Its answer can be changed while it runs: a status code, a delay before
+//! Its response can be changed while it runs: a status code, a delay before
 //! answering (to play a slow or hanging receiver), or a fixed number of
 //! failures before it starts to accept.
 
@@ -38,7 +38,7 @@ pub struct ReceivedWebhook {
     pub payload: Value,
     /// Whether the signature verified with the receiver's secret.
     pub verified: bool,
-    /// The status code the receiver answered with.
+    /// The status code the receiver responded with.
     pub answered: u16,
     pub arrived: Instant,
 }
@@ -133,7 +133,7 @@ impl Receiver {
         format!("http://{}/hooks", self.address)
     }
 
-    /// Answers every later request with this status code.
+    /// Responds to every later request with this status code.
     pub fn set_status(&self, status: u16) {
         self.state.status.store(status, Ordering::SeqCst);
     }

@@ -61,8 +61,8 @@ pub struct Change {
 }
 
 impl Change {
-    /// The row that filters and enrichment parameters read: the new row, or the
-    /// old one for a delete.
+    /// Returns the row that filters and enrichment parameters read: the new row,
+    /// or the old one for a delete.
     pub fn current_row(&self) -> Option<&Row> {
         self.new.as_ref().or(self.old.as_ref())
     }
@@ -76,7 +76,7 @@ pub struct RuleMatch {
     pub details: Map<String, Value>,
 }
 
-/// How a rule's remembered state for a row changes after a change.
+/// The change to a rule's remembered state for a row after a change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StateUpdate {
     Keep,
@@ -87,7 +87,7 @@ pub enum StateUpdate {
 /// The state a threshold rule with a rearm level keeps while it waits for the value to rearm.
 pub const ALERTING: &str = "alerting";
 
-/// Whether a rule keeps per-row state, so the processor loads it only when needed.
+/// Returns whether a rule keeps per-row state, so the processor loads it only when needed.
 pub fn needs_state(rule: &Rule) -> bool {
     matches!(&rule.kind, RuleKind::Threshold(threshold) if threshold.rearm.is_some())
 }
@@ -234,7 +234,7 @@ fn threshold_details(value: Option<Decimal>, limit: Option<Decimal>) -> Map<Stri
 }
 
 /// A transition fires when the column's value changes. An insert changes it
-/// from no row and a delete to no row; `from` and `to` restrict the values left
+/// from no row and a delete to no row. `from` and `to` restrict the values left
 /// and reached, and a side with no row never matches a non-empty list.
 fn evaluate_transition(rule: &Rule, transition: &Transition, change: &Change) -> Option<RuleMatch> {
     let old_value = change

@@ -7,8 +7,8 @@
 //! at any point loses nothing and duplicates nothing.
 //!
 //! A transaction-level advisory lock lets only one sidecar process the outbox
-//! at a time. Rule state (a threshold's rearm) then sees the changes of a row
-//! in order, since two changes of one row are serialised by the row lock and
+//! at a time. Rule state (a threshold's rearm) then gets the changes of a row
+//! in order, because two changes of one row are serialised by the row lock and
 //! take their outbox ids in commit order.
 
 use std::collections::{BTreeSet, HashMap};
@@ -158,24 +158,15 @@ impl Processor {
         Ok(outcome)
     }
 
-    /// A TRUNCATE removes rows without a row trigger firing, so rules cannot
-    /// see it; it becomes the source's own event type instead.
+    /// Builds the event of a TRUNCATE. It removes rows without a row trigger
+    /// firing, so rules cannot evaluate it, and it becomes the source's own event type.
     fn truncate_event(&self, change: &Change) -> Option<PendingEvent> {
         let source = self.config.source(&change.source)?;
-        let mut data = Map::new();
-        data.insert("rule".into(), Value::Null);
-        data.insert("source".into(), Value::String(change.source.clone()));
-        data.insert("table".into(), Value::String(change.table.clone()));
-        data.insert("operation".into(), Value::String(change.operation.as_str().into()));
-        data.insert("key".into(), Value::Null);
-        data.insert("old".into(), Value::Null);
-        data.insert("new".into(), Value::Null);
-        data.insert("changed_at".into(), Value::String(change.changed_at.to_rfc3339()));
-        data.insert("change_id".into(), Value::from(change.id));
+        let data = change_data(Value::Null, change);
 
         Some(PendingEvent {
             outbox_id: change.id,
-            // Not a valid rule name, so it cannot collide with a rule's events.
+            // Rule names are validated to [a-z0-9_-], so this one cannot be a rule's.
             rule: ":truncate".to_string(),
             endpoints: self.endpoints_for(&source.truncate_event),
             event_type: source.truncate_event.clone(),
@@ -202,22 +193,7 @@ impl Processor {
         change: &Change,
         found: RuleMatch,
     ) -> Result<PendingEvent, tokio_postgres::Error> {
-        let mut data = Map::new();
-        data.insert("rule".into(), Value::String(rule.name.clone()));
-        data.insert("source".into(), Value::String(change.source.clone()));
-        data.insert("table".into(), Value::String(change.table.clone()));
-        data.insert("operation".into(), Value::String(change.operation.as_str().into()));
-        data.insert("key".into(), change.key.clone());
-        data.insert(
-            "old".into(),
-            change.old.clone().map(Value::Object).unwrap_or(Value::Null),
-        );
-        data.insert(
-            "new".into(),
-            change.new.clone().map(Value::Object).unwrap_or(Value::Null),
-        );
-        data.insert("changed_at".into(), Value::String(change.changed_at.to_rfc3339()));
-        data.insert("change_id".into(), Value::from(change.id));
+        let mut data = change_data(Value::String(rule.name.clone()), change);
         data.extend(found.details);
 
         let errors = self.enrich(transaction, statements, rule, change, &mut data).await?;
@@ -291,6 +267,23 @@ impl Processor {
         }
         Ok(errors)
     }
+}
+
+/// Builds the fields of `data` that every event of a change carries.
+fn change_data(rule: Value, change: &Change) -> Map<String, Value> {
+    let row_or_null = |row: &Option<Row>| row.clone().map(Value::Object).unwrap_or(Value::Null);
+
+    let mut data = Map::new();
+    data.insert("rule".into(), rule);
+    data.insert("source".into(), Value::String(change.source.clone()));
+    data.insert("table".into(), Value::String(change.table.clone()));
+    data.insert("operation".into(), Value::String(change.operation.as_str().into()));
+    data.insert("key".into(), change.key.clone());
+    data.insert("old".into(), row_or_null(&change.old));
+    data.insert("new".into(), row_or_null(&change.new));
+    data.insert("changed_at".into(), Value::String(change.changed_at.to_rfc3339()));
+    data.insert("change_id".into(), Value::from(change.id));
+    data
 }
 
 fn parse_change(row: &tokio_postgres::Row) -> Option<Change> {

@@ -18,7 +18,7 @@ use crate::db;
 /// The channel that the capture trigger notifies.
 pub const CHANNEL: &str = "gancho";
 
-/// The longest wait for the liveness query's answer.
+/// The maximum wait for the liveness query's result.
 const MAX_LIVENESS_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The share of the server's notification queue above which a warning is
