@@ -194,3 +194,114 @@ fn missing_config_path_is_explained() {
         "error: no config file given: pass --config FILE or set GANCHO_CONFIG"
     );
 }
+
+#[test]
+fn install_print_needs_no_secrets() {
+    let config = "database_url = \"${UNSET_DATABASE}\"\n[[source]]\nname = \"stock\"\ntable = \"stock\"\nkey = [\"id\"]\ncolumns = [\"quantity\"]\n\n[[endpoint]]\nname = \"hooks\"\nurl = \"${UNSET_URL}\"\nsecret = \"${UNSET_SECRET}\"\nevents = [\"*\"]\n";
+    let (code, script) = run(&["install", "--print"], config, &[]);
+    assert_eq!(code, 0, "{script}");
+    assert!(
+        script.contains("select gancho.watch('stock', 'public.stock', array['id'], array['quantity'], false);"),
+        "{script}"
+    );
+}
+
+#[test]
+fn connection_error_names_server() {
+    let config = "database_url = \"postgres://postgres@127.0.0.1:1/shop\"\n";
+    let (code, output) = run(&["check"], config, &[]);
+    assert_eq!(code, 1, "{output}");
+    assert!(
+        output.contains("error: cannot connect to Postgres at 127.0.0.1:1/shop: "),
+        "{output}"
+    );
+}
+
+#[tokio::test]
+async fn operator_commands_on_installed_database() {
+    let db = TestDb::create().await;
+    db.execute("create table stock (id int primary key, quantity int)")
+        .await;
+    let config = format!(
+        "database_url = \"{}\"\n[[source]]\nname = \"stock\"\ntable = \"stock\"\nkey = [\"id\"]\ncolumns = [\"quantity\"]\n\n[[endpoint]]\nname = \"hooks\"\nurl = \"http://127.0.0.1:9/\"\nsecret = \"{SECRET}\"\nevents = [\"*\"]\n",
+        db.url
+    );
+    let outputs = tokio::task::spawn_blocking(move || {
+        let before = run(&["deliveries"], &config, &[]);
+        let install = run(&["install"], &config, &[]);
+        let disable = run(&["endpoint", "disable", "hooks"], &config, &[]);
+        let list = run(&["endpoint", "list"], &config, &[]);
+        let unknown = run(&["endpoint", "enable", "nosuch"], &config, &[]);
+        let redeliver = run(&["redeliver", "9999"], &config, &[]);
+        (before, install, disable, list, unknown, redeliver)
+    })
+    .await
+    .unwrap();
+    let (before, install, disable, list, unknown, redeliver) = outputs;
+
+    assert_eq!(before.0, 1, "{}", before.1);
+    assert!(
+        before.1.contains("gancho is not installed in this database"),
+        "{}",
+        before.1
+    );
+    assert_eq!(install.0, 0, "{}", install.1);
+    assert_eq!(disable.0, 0, "{}", disable.1);
+    assert_eq!(list.0, 0, "{}", list.1);
+    assert!(list.1.contains("disabled: disabled by an operator"), "{}", list.1);
+    assert_eq!(unknown.0, 1, "{}", unknown.1);
+    assert!(
+        unknown.1.contains("unknown endpoint \"nosuch\"; the config has: hooks"),
+        "{}",
+        unknown.1
+    );
+    assert_eq!(redeliver.0, 1, "{}", redeliver.1);
+    assert!(
+        redeliver
+            .1
+            .contains("error: no delivery with id 9999; see `gancho deliveries`"),
+        "{}",
+        redeliver.1
+    );
+}
+
+#[tokio::test]
+async fn receive_command_checks_signatures() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = gancho_command()
+        .args(["receive", "--listen", &format!("127.0.0.1:{port}"), "--secret", SECRET])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("gancho receive starts");
+
+    let body = r#"{"test": 2432232314}"#;
+    let post = |signature: &'static str| {
+        reqwest::Client::new()
+            .post(format!("http://127.0.0.1:{port}/hooks"))
+            .header("webhook-id", "msg_p5jXN8AQM9LWM0D4loKWxJek")
+            .header("webhook-timestamp", "1614265330")
+            .header("webhook-signature", signature)
+            .body(body)
+            .send()
+    };
+    let mut status = None;
+    for _ in 0..100 {
+        if let Ok(response) = post("v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=").await {
+            status = Some(response.status().as_u16());
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let rejected = post("v1,AAAA").await.map(|response| response.status().as_u16());
+    send_signal(&child, libc::SIGTERM);
+    let exit = wait_for_exit(&mut child, std::time::Duration::from_secs(5)).await;
+
+    assert_eq!(status, Some(200));
+    assert_eq!(rejected.ok(), Some(401));
+    assert_eq!(exit.and_then(|status| status.code()), Some(0));
+}
