@@ -129,13 +129,27 @@ create table if not exists gancho.attempt (
 
 create index if not exists attempt_delivery on gancho.attempt (delivery_id);
 
+-- The doorbell: 1 while a sidecar waits for work and wants a NOTIFY, 0 while
+-- it is busy. A transaction that issues NOTIFY holds a cluster-wide lock from
+-- its commit until the commit is flushed to disk, which puts every notifying
+-- writer in a single line. Ringing only while a sidecar waits keeps writers
+-- out of that line under load. A sequence is read and set outside any
+-- transaction, so a sidecar's setval() is seen at once by every writer,
+-- whatever its snapshot. The sidecar closes the gap between a writer that
+-- read 0 and its commit by waiting for the transactions that were in
+-- progress when it set 1 (see src/sidecar/doorbell.rs).
+create sequence if not exists gancho.doorbell minvalue 0 maxvalue 1 start 0 no cycle;
+
 -- The trigger function shared by every watched table. Arguments: source name,
--- key columns, captured columns.
+-- key columns, captured columns, and the columns that are not captured and
+-- the columns that are not key, as gancho.watch() found them at install time.
 --
--- It reads the row through to_jsonb() instead of naming columns, so a column
--- renamed or dropped after install yields null instead of an error, and the
--- shop's write goes on. It runs as its owner (security definer), so the
--- shop's roles need no privilege on the gancho schema.
+-- It reads the row through to_jsonb() and removes the other columns with the
+-- jsonb "-" operator, instead of naming columns, so a column renamed or
+-- dropped after install yields no value instead of an error, and the shop's
+-- write goes on. A column added after install is recorded too until the next
+-- install; the sidecar drops it. It runs as its owner (security definer), so
+-- the shop's roles need no privilege on the gancho schema.
 --
 -- Setting gancho.skip to 'on' in a session (set local gancho.skip = 'on')
 -- makes its writes invisible to gancho, so a receiver that writes back to a
@@ -146,10 +160,6 @@ security definer
 set search_path = pg_catalog, pg_temp
 as $$
 declare
-    source text := TG_ARGV[0];
-    key_columns text[] := TG_ARGV[1]::text[];
-    captured_columns text[] := TG_ARGV[2]::text[];
-    table_label text := TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME;
     old_row jsonb;
     new_row jsonb;
     old_values jsonb;
@@ -163,21 +173,37 @@ begin
 
     if TG_OP = 'TRUNCATE' then
         insert into gancho.outbox (source, table_name, operation)
-        values (source, table_label, 'TRUNCATE');
+        values (TG_ARGV[0], TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, 'TRUNCATE');
         perform pg_notify('gancho', '');
         return null;
     end if;
 
     if TG_OP <> 'INSERT' then
         old_row := to_jsonb(OLD);
-        select coalesce(jsonb_object_agg(c, old_row -> c), '{}') into old_values from unnest(captured_columns) c;
-        select jsonb_object_agg(c, old_row -> c) into old_key from unnest(key_columns) c;
     end if;
-
     if TG_OP <> 'DELETE' then
         new_row := to_jsonb(NEW);
-        select coalesce(jsonb_object_agg(c, new_row -> c), '{}') into new_values from unnest(captured_columns) c;
-        select jsonb_object_agg(c, new_row -> c) into new_key from unnest(key_columns) c;
+    end if;
+
+    if TG_NARGS >= 5 then
+        old_values := old_row - TG_ARGV[3]::text[];
+        new_values := new_row - TG_ARGV[3]::text[];
+        old_key := old_row - TG_ARGV[4]::text[];
+        new_key := new_row - TG_ARGV[4]::text[];
+    else
+        -- Triggers installed by an older gancho pass no excluded columns:
+        -- pick the captured columns one by one, which is slower.
+        select coalesce(jsonb_object_agg(c, old_row -> c), '{}') into old_values from unnest(TG_ARGV[2]::text[]) c;
+        select coalesce(jsonb_object_agg(c, new_row -> c), '{}') into new_values from unnest(TG_ARGV[2]::text[]) c;
+        select jsonb_object_agg(c, old_row -> c) into old_key from unnest(TG_ARGV[1]::text[]) c;
+        select jsonb_object_agg(c, new_row -> c) into new_key from unnest(TG_ARGV[1]::text[]) c;
+        if TG_OP = 'INSERT' then
+            old_values := null;
+            old_key := null;
+        elsif TG_OP = 'DELETE' then
+            new_values := null;
+            new_key := null;
+        end if;
     end if;
 
     -- An update that changes no captured column and no key records nothing.
@@ -186,11 +212,14 @@ begin
     end if;
 
     insert into gancho.outbox (source, table_name, operation, key, old, new)
-    values (source, table_label, TG_OP, coalesce(new_key, old_key), old_values, new_values);
+    values (TG_ARGV[0], TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, TG_OP, coalesce(new_key, old_key), old_values, new_values);
 
-    -- The payload is constant, so Postgres folds the notifications of one
-    -- transaction into one.
-    perform pg_notify('gancho', '');
+    -- Read after the insert, so this transaction already has its id when it
+    -- reads 0, and a sidecar that sets 1 afterwards waits for it. The payload
+    -- is constant, so Postgres folds the notifications of one transaction into one.
+    if (select last_value from gancho.doorbell) = 1 then
+        perform pg_notify('gancho', '');
+    end if;
     return null;
 end
 $$;
@@ -234,6 +263,8 @@ set search_path = pg_catalog, pg_temp
 as $$
 declare
     missing text;
+    not_captured text[];
+    not_key text[];
     schema_name text;
     relation_name text;
 begin
@@ -263,11 +294,19 @@ begin
     from pg_class c join pg_namespace n on n.oid = c.relnamespace
     where c.oid = target;
 
+    -- The trigger removes these from the row, which is cheaper than picking
+    -- the captured columns one by one.
+    select coalesce(array_agg(a.attname::text order by a.attnum) filter (where a.attname <> all (columns)), '{}'),
+           coalesce(array_agg(a.attname::text order by a.attnum) filter (where a.attname <> all (key_columns)), '{}')
+    into not_captured, not_key
+    from pg_attribute a
+    where a.attrelid = target and a.attnum > 0 and not a.attisdropped;
+
     perform gancho.unwatch(source_name);
 
     execute format(
-        'create trigger %I after insert or update or delete on %s for each row execute function gancho.capture(%L, %L, %L)',
-        'gancho_' || source_name, target, source_name, key_columns, columns);
+        'create trigger %I after insert or update or delete on %s for each row execute function gancho.capture(%L, %L, %L, %L, %L)',
+        'gancho_' || source_name, target, source_name, key_columns, columns, not_captured, not_key);
     execute format(
         'create trigger %I after truncate on %s for each statement execute function gancho.capture(%L, %L, %L)',
         'gancho_' || source_name || '_truncate', target, source_name, key_columns, columns);

@@ -40,6 +40,8 @@ pub struct BatchOutcome {
     pub endpoints: BTreeSet<String>,
     /// Whether another sidecar held the processor lock.
     pub busy: bool,
+    /// Whether the batch was full, so more rows may be waiting.
+    pub full: bool,
 }
 
 /// An event ready to insert, with the endpoints that take it.
@@ -92,7 +94,11 @@ impl Processor {
             return Ok(BatchOutcome::default());
         }
         let ids: Vec<i64> = rows.iter().map(|row| row.get(0)).collect();
-        let changes: Vec<Change> = rows.iter().filter_map(parse_change).collect();
+        let changes: Vec<Change> = rows
+            .iter()
+            .filter_map(parse_change)
+            .filter_map(|change| self.project(change))
+            .collect();
 
         // Evaluate every rule in outbox order, carrying rule state between changes of one row.
         let mut states = load_states(&transaction, &self.config.rules, &changes).await?;
@@ -135,6 +141,7 @@ impl Processor {
         // Record the results, then mark the batch consumed, all in this transaction.
         let mut outcome = BatchOutcome {
             changes: ids.len(),
+            full: ids.len() as i64 >= self.config.sidecar.batch_size,
             events: events.len(),
             ..BatchOutcome::default()
         };
@@ -174,6 +181,53 @@ impl Processor {
             occurred_at: change.changed_at,
             ordering_key: format!("{}:truncate", change.source),
         })
+    }
+
+    /// Keeps exactly the source's configured key and columns in a change. The
+    /// trigger records every column but those it was told to leave out at
+    /// install time, so a column added since then shows up until the next
+    /// install, and a dropped or renamed one is missing. Here the first is
+    /// removed and the second becomes null, so payloads and rule state keep
+    /// their shape either way. Returns None for an update that changed only
+    /// columns outside the config, which the trigger records until the next
+    /// install.
+    fn project(&self, mut change: Change) -> Option<Change> {
+        let Some(source) = self.config.source(&change.source) else {
+            return Some(change);
+        };
+        if change.operation == Operation::Truncate {
+            return Some(change);
+        }
+
+        // Keeps the order the row came in (jsonb's), because rule state and
+        // ordering keys compare the key's text.
+        let pick = |row: &Row, columns: &[String]| -> Row {
+            let mut picked: Row = row
+                .iter()
+                .filter(|(column, _)| columns.contains(column))
+                .map(|(column, value)| (column.clone(), value.clone()))
+                .collect();
+            for column in columns {
+                if !picked.contains_key(column) {
+                    picked.insert(column.clone(), Value::Null);
+                }
+            }
+            picked
+        };
+        if let Value::Object(key) = &change.key {
+            change.key = Value::Object(pick(key, &source.key));
+        }
+        let old = change.old.as_ref().map(|row| pick(row, &source.columns));
+        let new = change.new.as_ref().map(|row| pick(row, &source.columns));
+
+        // Equal values before projection mean the key changed, which counts.
+        let only_other_columns = change.operation == Operation::Update && old == new && change.old != change.new;
+        if only_other_columns {
+            return None;
+        }
+        change.old = old;
+        change.new = new;
+        Some(change)
     }
 
     fn endpoints_for(&self, event_type: &str) -> Vec<String> {

@@ -1,6 +1,7 @@
 //! The sidecar behind `gancho run`: one LISTEN connection, a small pool, the
 //! processor and one dispatcher per endpoint, all stopped by one token.
 
+pub mod doorbell;
 pub mod listener;
 pub mod maintenance;
 
@@ -155,7 +156,9 @@ async fn warn_about_install_drift(client: &tokio_postgres::Client, config: &Conf
 }
 
 /// Processes the outbox whenever woken, and every poll interval in case a
-/// notification was missed.
+/// notification was missed. Before it waits it rings the doorbell, and
+/// looks at the outbox again as the transactions that might have missed the
+/// doorbell end.
 async fn process_loop(
     config: Arc<Config>,
     pool: deadpool_postgres::Pool,
@@ -165,52 +168,161 @@ async fn process_loop(
 ) {
     let processor = Processor::new(Arc::clone(&config));
     let mut failures = 0u32;
+    let mut armed = false;
+    let mut woken = false;
     loop {
         let mut wait = config.sidecar.poll_interval;
-
-        // Drain the outbox batch by batch, waking dispatchers after each commit.
-        while !shutdown.is_cancelled() {
-            let result = async {
-                let mut client = pool.get().await.map_err(DbError::Checkout)?;
-                processor.process_batch(&mut client).await.map_err(DbError::Query)
+        if armed && woken {
+            let disarmed = async {
+                let client = pool.get().await.map_err(DbError::Checkout)?;
+                doorbell::disarm(&client).await.map_err(DbError::Query)
+            };
+            match disarmed.await {
+                Ok(()) => armed = false,
+                Err(error) => tracing::debug!(error = %error_chain(&error), "could not reset the doorbell"),
             }
-            .await;
-            match result {
-                Ok(outcome) => {
-                    failures = 0;
-                    for endpoint in &outcome.endpoints {
-                        if let Some(notify) = endpoint_wakes.get(endpoint) {
-                            notify.notify_one();
+        }
+
+        if let Err(delay) = drain(&processor, &pool, &endpoint_wakes, &shutdown, &mut failures).await {
+            wait = delay;
+        } else if !shutdown.is_cancelled() {
+            let armed_now = async {
+                let client = pool.get().await.map_err(DbError::Checkout)?;
+                doorbell::arm(&client).await.map_err(DbError::Query)
+            };
+            match armed_now.await {
+                Ok(in_progress) => {
+                    armed = true;
+                    let drained = drain(&processor, &pool, &endpoint_wakes, &shutdown, &mut failures).await;
+                    if drained.is_ok() {
+                        let waited = wait_for_writers(
+                            &processor,
+                            &pool,
+                            &endpoint_wakes,
+                            &wake,
+                            &shutdown,
+                            in_progress,
+                            &config,
+                            &mut failures,
+                        )
+                        .await;
+                        if let Err(delay) = waited {
+                            wait = delay;
                         }
-                    }
-                    if outcome.changes > 0 {
-                        tracing::debug!(
-                            changes = outcome.changes,
-                            events = outcome.events,
-                            deliveries = outcome.deliveries,
-                            "outbox batch processed"
-                        );
-                    }
-                    if outcome.changes < config.sidecar.batch_size as usize {
-                        break;
                     }
                 }
                 Err(error) => {
-                    failures += 1;
-                    wait = db::reconnect_delay(failures);
-                    tracing::warn!(error = %error_chain(&error), retry_in_ms = wait.as_millis() as u64, "processing the outbox failed; retrying");
-                    break;
+                    tracing::warn!(error = %error_chain(&error), "could not set the doorbell; polling instead");
                 }
             }
         }
 
+        // Only a notification stops the doorbell: a writer rang, and while
+        // this loop drains, more rings would only slow the writers down.
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => return,
-            _ = wake.notified() => {}
-            _ = tokio::time::sleep(wait) => {}
+            _ = wake.notified() => woken = true,
+            _ = tokio::time::sleep(wait) => woken = false,
         }
     }
+}
+
+/// Processes outbox batches until one comes back short, waking the
+/// dispatchers of the endpoints that got deliveries after each commit.
+/// Returns the backoff delay when processing failed.
+async fn drain(
+    processor: &Processor,
+    pool: &deadpool_postgres::Pool,
+    endpoint_wakes: &HashMap<String, Arc<Notify>>,
+    shutdown: &CancellationToken,
+    failures: &mut u32,
+) -> Result<(), std::time::Duration> {
+    while !shutdown.is_cancelled() {
+        let result = async {
+            let mut client = pool.get().await.map_err(DbError::Checkout)?;
+            processor.process_batch(&mut client).await.map_err(DbError::Query)
+        }
+        .await;
+        match result {
+            Ok(outcome) => {
+                *failures = 0;
+                for endpoint in &outcome.endpoints {
+                    if let Some(notify) = endpoint_wakes.get(endpoint) {
+                        notify.notify_one();
+                    }
+                }
+                if outcome.changes > 0 {
+                    tracing::debug!(
+                        changes = outcome.changes,
+                        events = outcome.events,
+                        deliveries = outcome.deliveries,
+                        "outbox batch processed"
+                    );
+                }
+                if !outcome.full {
+                    return Ok(());
+                }
+            }
+            Err(error) => {
+                *failures += 1;
+                let delay = db::reconnect_delay(*failures);
+                tracing::warn!(error = %error_chain(&error), retry_in_ms = delay.as_millis() as u64, "processing the outbox failed; retrying");
+                return Err(delay);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Looks at the outbox again each time some of the transactions that were in
+/// progress when the doorbell was set have ended, until none is left. One of
+/// them may have read the doorbell before it was set, and so not notify.
+#[allow(clippy::too_many_arguments)]
+async fn wait_for_writers(
+    processor: &Processor,
+    pool: &deadpool_postgres::Pool,
+    endpoint_wakes: &HashMap<String, Arc<Notify>>,
+    wake: &Notify,
+    shutdown: &CancellationToken,
+    mut in_progress: Vec<i64>,
+    config: &Config,
+    failures: &mut u32,
+) -> Result<(), std::time::Duration> {
+    let mut delay = None;
+    while !in_progress.is_empty() {
+        let next = doorbell::next_check_delay(delay, config.sidecar.poll_interval);
+        delay = Some(next);
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return Ok(()),
+            // A notification means new work: leave the wait to the main loop.
+            _ = wake.notified() => {
+                wake.notify_one();
+                return Ok(());
+            }
+            _ = tokio::time::sleep(next) => {}
+        }
+
+        let still = async {
+            let client = pool.get().await.map_err(DbError::Checkout)?;
+            doorbell::still_running(&client, &in_progress)
+                .await
+                .map_err(DbError::Query)
+        };
+        let still = match still.await {
+            Ok(still) => still,
+            Err(error) => {
+                tracing::debug!(error = %error_chain(&error), "could not read transaction status");
+                return Ok(());
+            }
+        };
+        if still.len() < in_progress.len() {
+            drain(processor, pool, endpoint_wakes, shutdown, failures).await?;
+        }
+        in_progress = still;
+    }
+    Ok(())
 }
 
 /// Formats an error with all its causes on one line, for logs.

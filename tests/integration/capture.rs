@@ -292,13 +292,15 @@ async fn dropped_column_never_fails_shop_writes() {
     db.execute("alter table stock rename column quantity to qty").await;
     db.execute("update stock set qty = 8 where id = 1").await;
 
+    // The trigger leaves out what was not captured at install time, so a
+    // dropped column is simply missing and a renamed one shows its new name.
     let rows = outbox(&db).await;
-    assert_eq!(
-        rows.len(),
-        1,
-        "the rename hides the captured column, so the update looks unchanged"
-    );
-    assert_eq!(rows[0].3, json!({"quantity": 4, "legacy": null}));
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[0].0, "INSERT");
+    assert_eq!(rows[0].3, json!({"quantity": 4}));
+    assert_eq!(rows[1].0, "UPDATE");
+    assert_eq!(rows[1].2, json!({"qty": 4}));
+    assert_eq!(rows[1].3, json!({"qty": 8}));
 }
 
 #[tokio::test]
@@ -364,4 +366,130 @@ event = "stock.changed"
         .batch_execute(&format!("drop role if exists {owner}; drop role if exists {app};"))
         .await
         .expect("roles dropped");
+}
+
+const NOTES: &str = r#"
+[[source]]
+name = "notes"
+table = "notes"
+key = ["id"]
+columns = ["body"]
+
+[[rule]]
+name = "any"
+source = "notes"
+kind = "change"
+event = "note.changed"
+"#;
+
+/// The doorbell's value, 1 while a sidecar waits for a NOTIFY.
+async fn doorbell(db: &TestDb) -> i64 {
+    db.count("select last_value from gancho.doorbell").await
+}
+
+async fn wait_for_doorbell(db: &TestDb, value: i64) {
+    for _ in 0..200 {
+        if doorbell(db).await == value {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the doorbell never became {value}");
+}
+
+#[tokio::test]
+async fn trigger_notifies_only_when_doorbell_set() {
+    let db = TestDb::create().await;
+    db.execute("create table notes (id bigint primary key, body text)")
+        .await;
+    let receiver = receiver().await;
+    let config = parse_config(&config_text(&db.url, &receiver.url(), NOTES), &[]);
+    install(&db, &config).await;
+    let (listener, mut notifications) = listen(&db.url, "gancho").await;
+
+    db.execute("insert into notes values (1, 'while nobody waits')").await;
+    let quiet = tokio::time::timeout(Duration::from_millis(500), notifications.recv()).await;
+    assert!(quiet.is_err(), "no NOTIFY while the doorbell is 0");
+    assert_eq!(doorbell(&db).await, 0);
+
+    db.execute("select setval('gancho.doorbell', 1)").await;
+    db.execute("insert into notes values (2, 'while a sidecar waits')")
+        .await;
+    let rang = tokio::time::timeout(Duration::from_secs(5), notifications.recv()).await;
+    assert_eq!(rang.ok().flatten().as_deref(), Some("gancho"));
+
+    // A sidecar sets the doorbell to 0 while it works and to 1 when it waits.
+    db.execute("select setval('gancho.doorbell', 0)").await;
+    let sidecar = start_sidecar(config);
+    let received = receiver.wait_for(2, Duration::from_secs(20)).await;
+    wait_for_doorbell(&db, 1).await;
+    sidecar.stop().await;
+    drop(listener);
+
+    assert_eq!(received.len(), 2);
+}
+
+#[tokio::test]
+async fn writer_missing_doorbell_is_still_seen() {
+    let db = TestDb::create().await;
+    db.execute("create table notes (id bigint primary key, body text)")
+        .await;
+    let receiver = receiver().await;
+    // A poll interval far longer than the wait below, so only the doorbell's
+    // follow-up look at the outbox can deliver the change in time.
+    let text =
+        config_text(&db.url, &receiver.url(), NOTES).replace("poll_interval = \"200ms\"", "poll_interval = \"60s\"");
+    let config = parse_config(&text, &[]);
+    install(&db, &config).await;
+    let sidecar = start_sidecar(config);
+    wait_for_doorbell(&db, 1).await;
+
+    // A writer reads the doorbell as 0, as if it wrote just before the
+    // sidecar set it, and commits only after the sidecar set it again.
+    let mut writer = connect(&db.url).await;
+    db.execute("select setval('gancho.doorbell', 0)").await;
+    let transaction = writer.transaction().await.unwrap();
+    transaction
+        .execute("insert into notes values (1, 'late commit')", &[])
+        .await
+        .unwrap();
+    db.execute("notify gancho").await;
+    wait_for_doorbell(&db, 1).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    transaction.commit().await.unwrap();
+
+    let received = receiver.wait_for(1, Duration::from_secs(10)).await;
+    sidecar.stop().await;
+
+    assert_eq!(received.len(), 1, "delivered without waiting for the 60 s poll");
+    assert_eq!(received[0].data()["new"]["body"], "late commit");
+}
+
+#[tokio::test]
+async fn column_added_after_install_stays_out() {
+    let db = TestDb::create().await;
+    db.execute("create table notes (id bigint primary key, body text)")
+        .await;
+    let receiver = receiver().await;
+    let config = parse_config(&config_text(&db.url, &receiver.url(), NOTES), &[]);
+    install(&db, &config).await;
+    db.execute("alter table notes add column secret_note text").await;
+    let sidecar = start_sidecar(config);
+
+    db.execute("insert into notes values (1, 'hello', 'not for webhooks')")
+        .await;
+    db.execute("update notes set secret_note = 'still not' where id = 1")
+        .await;
+    db.execute("update notes set body = 'bye' where id = 1").await;
+    let received = receiver.wait_for(2, Duration::from_secs(20)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let all = receiver.received();
+    sidecar.stop().await;
+
+    assert_eq!(received.len(), 2);
+    assert_eq!(all.len(), 2, "the update of the added column alone sends nothing");
+    assert_eq!(all[0].data()["key"], json!({"id": 1}));
+    assert_eq!(all[0].data()["new"], json!({"body": "hello"}));
+    assert_eq!(all[1].data()["old"], json!({"body": "hello"}));
+    assert_eq!(all[1].data()["new"], json!({"body": "bye"}));
 }

@@ -688,14 +688,24 @@ async fn silent_listener_connection_is_replaced() {
         .await
         .unwrap();
     let received = receiver.wait_for(2, Duration::from_secs(15)).await;
-    let listeners = admin
-        .query_one(
-            "select count(*) from pg_stat_activity where application_name = 'gancho-listener' and pid <> $1",
-            &[&pid],
-        )
-        .await
-        .unwrap()
-        .get::<_, i64>(0);
+
+    // The change may also arrive through the processor's own look at the
+    // outbox after it set the doorbell, so wait for the new connection itself.
+    let mut listeners = 0;
+    for _ in 0..150 {
+        listeners = admin
+            .query_one(
+                "select count(*) from pg_stat_activity where application_name = 'gancho-listener' and pid <> $1",
+                &[&pid],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0);
+        if listeners > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     unsafe { libc::kill(pid, libc::SIGCONT) };
     sidecar.stop().await;
 

@@ -77,6 +77,33 @@ pub async fn connect(url: &str) -> tokio_postgres::Client {
     client
 }
 
+/// A connection that LISTENs on `channel`, and the channel names of the
+/// notifications it receives.
+pub async fn listen(
+    url: &str,
+    channel: &str,
+) -> (tokio_postgres::Client, tokio::sync::mpsc::UnboundedReceiver<String>) {
+    use futures_util::StreamExt;
+
+    let (client, mut connection) = tokio_postgres::connect(url, NoTls)
+        .await
+        .expect("the test database accepts connections");
+    let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |context| connection.poll_message(context));
+        while let Some(Ok(message)) = messages.next().await {
+            if let tokio_postgres::AsyncMessage::Notification(notification) = message {
+                let _ = sender.send(notification.channel().to_string());
+            }
+        }
+    });
+    client
+        .batch_execute(&format!("listen {channel}"))
+        .await
+        .expect("LISTEN succeeds");
+    (client, receiver)
+}
+
 /// A database created for one test and dropped when the test ends.
 pub struct TestDb {
     pub name: String,
