@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::health::{self, Health};
-use super::retry::next_delay;
+use super::recorder::{self, Outcome, RecorderHandle, Verdict, verdict};
 use super::send::{AttemptResult, ClaimedDelivery, http_client, send};
 use crate::config::{Endpoint, SidecarSettings};
 use crate::db;
@@ -52,6 +52,7 @@ pub struct Dispatcher {
     endpoint: Arc<Endpoint>,
     pool: Pool,
     client: reqwest::Client,
+    recorder: RecorderHandle,
     settings: SidecarSettings,
     wake: Arc<Notify>,
     shutdown: CancellationToken,
@@ -68,10 +69,12 @@ impl Dispatcher {
         shutdown: CancellationToken,
     ) -> Dispatcher {
         let client = http_client(&endpoint);
+        let recorder = recorder::start(Arc::clone(&endpoint), pool.clone());
         Dispatcher {
             endpoint,
             pool,
             client,
+            recorder,
             settings,
             wake,
             shutdown,
@@ -94,9 +97,22 @@ impl Dispatcher {
                 break;
             }
 
+            // While requests are in flight, claim only once a quarter of the
+            // slots is free, so a busy endpoint claims in batches instead of
+            // one query per finished request.
+            let mut wait = self.settings.poll_interval;
+            let min_claim = (self.endpoint.max_in_flight / 4).max(1);
+            if !in_flight.is_empty() && semaphore.available_permits() < min_claim {
+                tokio::select! {
+                    biased;
+                    _ = self.shutdown.cancelled() => break,
+                    Some(_) = in_flight.join_next() => {}
+                }
+                continue;
+            }
+
             // Claim as many deliveries as there are free request slots, unless
             // the endpoint as a whole is paused or disabled.
-            let mut wait = self.settings.poll_interval;
             let slots = match self.check_health(&mut failures).await {
                 Ok((slots, health_wait)) => {
                     wait = health_wait.unwrap_or(wait);
@@ -275,7 +291,7 @@ impl Dispatcher {
     fn attempt_task(&self, delivery: ClaimedDelivery) -> impl std::future::Future<Output = ()> + Send + 'static {
         let endpoint = Arc::clone(&self.endpoint);
         let client = self.client.clone();
-        let pool = self.pool.clone();
+        let recorder = self.recorder.clone();
         let claimed = Arc::clone(&self.claimed);
         let span = tracing::info_span!(
             "delivery",
@@ -288,139 +304,48 @@ impl Dispatcher {
 
         async move {
             let result = send(&client, &endpoint, &delivery).await;
-            let recorded = record(&pool, &endpoint, &delivery, &result).await;
+            let verdict = verdict(&endpoint, &delivery, &result);
+            log_attempt(&delivery, &result, verdict);
+
+            let recorded = recorder.record(Outcome::new(&delivery, &result, verdict)).await;
             claimed.lock().expect("claimed set lock").remove(&delivery.id);
-            if let Err(error) = recorded {
+            match recorded {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::warn!("the lease was taken over while the request ran; the other sidecar's result stands")
+                }
                 // The lease expires and the delivery is sent again: at least once, never lost.
-                tracing::warn!(error = %error, "could not record the attempt; the delivery will be retried after its lease");
+                Err(error) => {
+                    tracing::warn!(error = %error, "could not record the attempt; the delivery will be retried after its lease")
+                }
             }
         }
         .instrument(span)
     }
 }
 
-/// The outcome of an attempt for its delivery.
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum Verdict {
-    Delivered,
-    Retry(Duration),
-    Dead,
-    /// The receiver returned 410 Gone, so the endpoint is disabled and the
-    /// delivery waits for it to be enabled again.
-    Gone,
-}
-
-fn verdict(endpoint: &Endpoint, delivery: &ClaimedDelivery, result: &AttemptResult) -> Verdict {
-    if result.succeeded() {
-        return Verdict::Delivered;
-    }
-    if result.status_code == Some(410) {
-        return Verdict::Gone;
-    }
-    match next_delay(&endpoint.retry_schedule, delivery.attempt as u32) {
-        None => Verdict::Dead,
-        Some(scheduled) => match result.retry_after {
-            Some(requested) => Verdict::Retry(requested.min(health::MAX_RETRY_AFTER)),
-            None => Verdict::Retry(scheduled),
-        },
-    }
-}
-
-/// Writes the attempt and the delivery's new status in one statement, then
-/// updates the endpoint's health.
-async fn record(
-    pool: &Pool,
-    endpoint: &Endpoint,
-    delivery: &ClaimedDelivery,
-    result: &AttemptResult,
-) -> Result<(), db::DbError> {
-    // Microsecond precision is all a latency needs, and it reads well in logs.
+/// Logs an attempt's outcome inside its delivery's span. A success is logged
+/// at debug level, since every attempt is also kept in `gancho.attempt`.
+fn log_attempt(delivery: &ClaimedDelivery, result: &AttemptResult, verdict: Verdict) {
     let latency_ms = (result.latency.as_secs_f64() * 1_000_000.0).round() / 1000.0;
-    let verdict = verdict(endpoint, delivery, result);
     let error = result.error.as_deref().unwrap_or("");
-    let (status, delay, attempts_used) = match verdict {
-        Verdict::Delivered => {
-            tracing::info!(status = result.status_code, latency_ms, "delivered");
-            ("delivered", Duration::ZERO, delivery.attempt)
-        }
-        Verdict::Retry(delay) => {
-            tracing::warn!(
-                status = result.status_code,
-                error,
-                retry_in_ms = delay.as_millis() as u64,
-                "delivery attempt failed; will retry"
-            );
-            ("pending", delay, delivery.attempt)
-        }
-        Verdict::Dead => {
-            tracing::error!(
-                status = result.status_code,
-                error,
-                attempts = delivery.attempt,
-                "delivery dead after its last attempt"
-            );
-            ("dead", Duration::ZERO, delivery.attempt)
-        }
-        Verdict::Gone => {
-            tracing::error!(
-                status = 410,
-                "receiver answered 410 Gone; endpoint disabled until `gancho endpoint enable`"
-            );
-            // The attempt does not count, so the full schedule is left after re-enabling.
-            ("pending", Duration::ZERO, delivery.attempt - 1)
-        }
-    };
-
-    let client = pool.get().await.map_err(db::DbError::Checkout)?;
-    let status_code = result.status_code.map(i32::from);
-    let delay_ms = delay.as_millis() as f64;
-    let updated = client
-        .execute(
-            "with attempt as (
-                 insert into gancho.attempt (delivery_id, attempt, started_at, status_code, latency_ms, error, response_body)
-                 values ($1, $2, $3, $4, $5, $6, $7)
-             )
-             update gancho.delivery
-             set status = $8,
-                 next_attempt_at = now() + $9 * interval '1 millisecond',
-                 lease_until = null,
-                 attempts = $10,
-                 finished_at = case when $8 = 'pending' then null else now() end,
-                 last_error = $6
-             where id = $1 and attempts = $2",
-            &[
-                &delivery.id,
-                &delivery.attempt,
-                &result.started_at,
-                &status_code,
-                &latency_ms,
-                &result.error,
-                &result.response_body,
-                &status,
-                &delay_ms,
-                &attempts_used,
-            ],
-        )
-        .await?;
-    if updated == 0 {
-        tracing::warn!("the lease was taken over while the request ran; the other sidecar's result stands");
-    }
-
     match verdict {
-        Verdict::Delivered => health::record_success(&client, &endpoint.name).await?,
-        Verdict::Gone => health::disable(&client, &endpoint.name, "the receiver answered 410 Gone").await?,
-        Verdict::Retry(_) | Verdict::Dead => {
-            let state = health::record_failure(&client, endpoint, result.retry_after).await?;
-            if state.disabled_now {
-                tracing::error!(
-                    consecutive_failures = state.consecutive_failures,
-                    "endpoint disabled after failing for {}; enable it with `gancho endpoint enable`",
-                    crate::config::format_duration(endpoint.disable_after)
-                );
-            } else if let Some(until) = state.paused_until {
-                tracing::warn!(consecutive_failures = state.consecutive_failures, paused_until = %until, "endpoint paused");
-            }
-        }
+        Verdict::Delivered => tracing::debug!(status = result.status_code, latency_ms, "delivered"),
+        Verdict::Retry(delay) => tracing::warn!(
+            status = result.status_code,
+            error,
+            retry_in_ms = delay.as_millis() as u64,
+            "delivery attempt failed; will retry"
+        ),
+        Verdict::Dead => tracing::error!(
+            status = result.status_code,
+            error,
+            attempts = delivery.attempt,
+            "delivery dead after its last attempt"
+        ),
+        Verdict::Gone => tracing::error!(
+            status = 410,
+            "receiver answered 410 Gone; endpoint disabled until `gancho endpoint enable`"
+        ),
     }
-    Ok(())
 }

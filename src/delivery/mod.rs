@@ -3,6 +3,7 @@
 
 pub mod dispatcher;
 pub mod health;
+pub mod recorder;
 pub mod retry;
 pub mod send;
 pub mod sign;

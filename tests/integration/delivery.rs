@@ -360,3 +360,49 @@ async fn large_response_body_is_cut() {
         "the first 1 KiB is stored, cut at a character boundary"
     );
 }
+
+#[tokio::test]
+async fn concurrent_attempts_recorded_once_each() {
+    let db = orders_db().await;
+    let receiver = receiver().await;
+    // Requests finish in parallel, so their outcomes are written in batches;
+    // one in ten fails once, so batches mix successes and failures.
+    receiver.fail_next(30);
+    let text = config_text(&db.url, &receiver.url(), ORDERS).replacen(
+        "timeout = \"2s\"",
+        "timeout = \"2s\"\nmax_in_flight = 32\nordered = false\nbreaker_threshold = 1000",
+        1,
+    );
+    let config = parse_config(&text, &[]);
+    install(&db, &config).await;
+    let sidecar = start_sidecar(config);
+
+    db.execute("insert into orders select id, 'complete' from generate_series(1, 300) id")
+        .await;
+    let received = receiver.wait_for(330, Duration::from_secs(60)).await;
+    sidecar.stop().await;
+
+    assert_eq!(received.len(), 330);
+    assert_eq!(
+        db.count("select count(*) from gancho.delivery where status = 'delivered'")
+            .await,
+        300
+    );
+    assert_eq!(db.count("select count(*) from gancho.attempt").await, 330);
+    assert_eq!(
+        db.count("select count(*) from gancho.attempt where status_code = 200")
+            .await,
+        300
+    );
+    assert_eq!(
+        db.count("select count(*) from gancho.delivery where attempts = 2")
+            .await,
+        30
+    );
+    assert_eq!(
+        db.count("select count(*) from gancho.endpoint_state where consecutive_failures = 0 and paused_until is null")
+            .await,
+        1,
+        "the successes after the failures leave the endpoint healthy"
+    );
+}

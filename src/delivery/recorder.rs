@@ -1,0 +1,270 @@
+//! The recorder of one endpoint: writes the outcome of each attempt, batching
+//! the attempts that finish while the previous batch is being written.
+//!
+//! Each attempt waits until its outcome is written before it ends, so the
+//! dispatcher's request slots and a row's ordering hold exactly as if every
+//! attempt wrote its own. Writing the attempts of a batch in one statement and
+//! one commit lets a busy endpoint record thousands of attempts per second
+//! where one commit per attempt would queue on the WAL flush.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use deadpool_postgres::Pool;
+use tokio::sync::{mpsc, oneshot};
+
+use super::health;
+use super::retry::next_delay;
+use super::send::{AttemptResult, ClaimedDelivery};
+use crate::config::Endpoint;
+use crate::db;
+
+/// The most attempts written in one statement.
+const MAX_BATCH: usize = 512;
+
+/// The outcome of an attempt for its delivery.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Verdict {
+    Delivered,
+    Retry(Duration),
+    Dead,
+    /// The receiver returned 410 Gone, so the endpoint is disabled and the
+    /// delivery waits for it to be enabled again.
+    Gone,
+}
+
+pub fn verdict(endpoint: &Endpoint, delivery: &ClaimedDelivery, result: &AttemptResult) -> Verdict {
+    if result.succeeded() {
+        return Verdict::Delivered;
+    }
+    if result.status_code == Some(410) {
+        return Verdict::Gone;
+    }
+    match next_delay(&endpoint.retry_schedule, delivery.attempt as u32) {
+        None => Verdict::Dead,
+        Some(scheduled) => match result.retry_after {
+            Some(requested) => Verdict::Retry(requested.min(health::MAX_RETRY_AFTER)),
+            None => Verdict::Retry(scheduled),
+        },
+    }
+}
+
+/// One attempt's row in `gancho.attempt` and the new state of its delivery.
+pub struct Outcome {
+    pub delivery_id: i64,
+    /// The attempt number that the claim gave; the delivery is updated only
+    /// while it still has it.
+    pub attempt: i32,
+    pub started_at: DateTime<Utc>,
+    pub status_code: Option<i32>,
+    pub latency_ms: f64,
+    pub error: Option<String>,
+    pub response_body: Option<String>,
+    pub retry_after: Option<Duration>,
+    pub verdict: Verdict,
+}
+
+impl Outcome {
+    pub fn new(delivery: &ClaimedDelivery, result: &AttemptResult, verdict: Verdict) -> Outcome {
+        Outcome {
+            delivery_id: delivery.id,
+            attempt: delivery.attempt,
+            started_at: result.started_at,
+            status_code: result.status_code.map(i32::from),
+            // Microsecond precision is all a latency needs, and it reads well in logs.
+            latency_ms: (result.latency.as_secs_f64() * 1_000_000.0).round() / 1000.0,
+            error: result.error.clone(),
+            response_body: result.response_body.clone(),
+            retry_after: result.retry_after,
+            verdict,
+        }
+    }
+
+    /// The delivery's new status, the delay before its next attempt, and the
+    /// attempts it has used.
+    fn next_state(&self) -> (&'static str, Duration, i32) {
+        match self.verdict {
+            Verdict::Delivered => ("delivered", Duration::ZERO, self.attempt),
+            Verdict::Retry(delay) => ("pending", delay, self.attempt),
+            Verdict::Dead => ("dead", Duration::ZERO, self.attempt),
+            // The attempt does not count, so the full schedule is left after re-enabling.
+            Verdict::Gone => ("pending", Duration::ZERO, self.attempt - 1),
+        }
+    }
+}
+
+/// What happened to one outcome: whether the delivery was updated (false when
+/// another sidecar took the lease over), or why nothing was written.
+pub type Recorded = Result<bool, String>;
+
+type Request = (Outcome, oneshot::Sender<Recorded>);
+
+/// The sending side, which attempts use to have their outcome written.
+#[derive(Clone)]
+pub struct RecorderHandle {
+    sender: mpsc::UnboundedSender<Request>,
+}
+
+impl RecorderHandle {
+    /// Writes one outcome and returns once it is committed.
+    pub async fn record(&self, outcome: Outcome) -> Recorded {
+        let (reply, answer) = oneshot::channel();
+        self.sender
+            .send((outcome, reply))
+            .map_err(|_| "the recorder has stopped".to_string())?;
+        answer.await.map_err(|_| "the recorder has stopped".to_string())?
+    }
+}
+
+/// Starts the recorder of `endpoint`. It stops when every handle is dropped.
+pub fn start(endpoint: std::sync::Arc<Endpoint>, pool: Pool) -> RecorderHandle {
+    let (sender, receiver) = mpsc::unbounded_channel();
+    tokio::spawn(run(endpoint, pool, receiver));
+    RecorderHandle { sender }
+}
+
+async fn run(endpoint: std::sync::Arc<Endpoint>, pool: Pool, mut receiver: mpsc::UnboundedReceiver<Request>) {
+    let mut batch: Vec<Request> = Vec::new();
+    while let Some(first) = receiver.recv().await {
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match receiver.try_recv() {
+                Ok(request) => batch.push(request),
+                Err(_) => break,
+            }
+        }
+
+        let outcomes: Vec<&Outcome> = batch.iter().map(|(outcome, _)| outcome).collect();
+        match write_batch(&pool, &endpoint, &outcomes).await {
+            Ok(updated) => {
+                for (outcome, reply) in batch.drain(..) {
+                    let _ = reply.send(Ok(updated.contains(&outcome.delivery_id)));
+                }
+            }
+            Err(error) => {
+                let message = error.to_string();
+                for (_, reply) in batch.drain(..) {
+                    let _ = reply.send(Err(message.clone()));
+                }
+            }
+        }
+    }
+}
+
+/// Writes the attempts and the deliveries' new states in one statement, then
+/// the endpoint's health. Returns the ids of the deliveries updated.
+async fn write_batch(pool: &Pool, endpoint: &Endpoint, outcomes: &[&Outcome]) -> Result<Vec<i64>, db::DbError> {
+    let client = pool.get().await.map_err(db::DbError::Checkout)?;
+
+    let mut ids = Vec::with_capacity(outcomes.len());
+    let mut attempts = Vec::with_capacity(outcomes.len());
+    let mut started = Vec::with_capacity(outcomes.len());
+    let mut status_codes = Vec::with_capacity(outcomes.len());
+    let mut latencies = Vec::with_capacity(outcomes.len());
+    let mut errors = Vec::with_capacity(outcomes.len());
+    let mut bodies = Vec::with_capacity(outcomes.len());
+    let mut statuses = Vec::with_capacity(outcomes.len());
+    let mut delays = Vec::with_capacity(outcomes.len());
+    let mut attempts_used = Vec::with_capacity(outcomes.len());
+    for outcome in outcomes {
+        let (status, delay, used) = outcome.next_state();
+        ids.push(outcome.delivery_id);
+        attempts.push(outcome.attempt);
+        started.push(outcome.started_at);
+        status_codes.push(outcome.status_code);
+        latencies.push(outcome.latency_ms);
+        errors.push(outcome.error.as_deref());
+        bodies.push(outcome.response_body.as_deref());
+        statuses.push(status);
+        delays.push(delay.as_millis() as f64);
+        attempts_used.push(used);
+    }
+
+    let rows = client
+        .query(
+            "with outcome as (
+                 select * from unnest($1::bigint[], $2::int[], $3::timestamptz[], $4::int[], $5::float8[],
+                                      $6::text[], $7::text[], $8::text[], $9::float8[], $10::int[])
+                     as outcome (delivery_id, attempt, started_at, status_code, latency_ms,
+                                 error, response_body, status, delay_ms, attempts_used)
+             ), recorded as (
+                 insert into gancho.attempt (delivery_id, attempt, started_at, status_code, latency_ms, error, response_body)
+                 select delivery_id, attempt, started_at, status_code, latency_ms, error, response_body from outcome
+             )
+             update gancho.delivery d
+             set status = o.status,
+                 next_attempt_at = now() + o.delay_ms * interval '1 millisecond',
+                 lease_until = null,
+                 attempts = o.attempts_used,
+                 finished_at = case when o.status = 'pending' then null else now() end,
+                 last_error = o.error
+             from outcome o
+             where d.id = o.delivery_id and d.attempts = o.attempt
+             returning d.id",
+            &[
+                &ids,
+                &attempts,
+                &started,
+                &status_codes,
+                &latencies,
+                &errors,
+                &bodies,
+                &statuses,
+                &delays,
+                &attempts_used,
+            ],
+        )
+        .await?;
+    let updated: Vec<i64> = rows.iter().map(|row| row.get(0)).collect();
+
+    // The attempts are committed by now, so a failure here is only logged:
+    // the next outcome brings the health up to date.
+    if let Err(error) = record_health(&client, endpoint, outcomes).await {
+        tracing::warn!(endpoint = %endpoint.name, error = %error, "could not update the endpoint's health");
+    }
+    Ok(updated)
+}
+
+/// Applies the batch's outcomes to the endpoint's health in the order the
+/// attempts finished. A run of successes is one write, and a success that
+/// finds the endpoint healthy changes no row.
+async fn record_health(
+    client: &tokio_postgres::Client,
+    endpoint: &Endpoint,
+    outcomes: &[&Outcome],
+) -> Result<(), tokio_postgres::Error> {
+    let mut pending_success = false;
+    for outcome in outcomes {
+        match outcome.verdict {
+            Verdict::Delivered => pending_success = true,
+            Verdict::Gone => {
+                if pending_success {
+                    health::record_success(client, &endpoint.name).await?;
+                    pending_success = false;
+                }
+                health::disable(client, &endpoint.name, "the receiver answered 410 Gone").await?;
+            }
+            Verdict::Retry(_) | Verdict::Dead => {
+                if pending_success {
+                    health::record_success(client, &endpoint.name).await?;
+                    pending_success = false;
+                }
+                let state = health::record_failure(client, endpoint, outcome.retry_after).await?;
+                if state.disabled_now {
+                    tracing::error!(
+                        endpoint = %endpoint.name,
+                        consecutive_failures = state.consecutive_failures,
+                        "endpoint disabled after failing for {}; enable it with `gancho endpoint enable`",
+                        crate::config::format_duration(endpoint.disable_after)
+                    );
+                } else if let Some(until) = state.paused_until {
+                    tracing::warn!(endpoint = %endpoint.name, consecutive_failures = state.consecutive_failures, paused_until = %until, "endpoint paused");
+                }
+            }
+        }
+    }
+    if pending_success {
+        health::record_success(client, &endpoint.name).await?;
+    }
+    Ok(())
+}
