@@ -69,6 +69,15 @@ impl Processor {
         &self,
         client: &mut tokio_postgres::Client,
     ) -> Result<BatchOutcome, tokio_postgres::Error> {
+        // Most looks at an idle outbox find nothing: one index probe answers
+        // that without a transaction and a lock.
+        let waiting = client
+            .query_opt("select 1 from gancho.outbox where processed_at is null limit 1", &[])
+            .await?;
+        if waiting.is_none() {
+            return Ok(BatchOutcome::default());
+        }
+
         let transaction = client.transaction().await?;
         let locked: bool = transaction
             .query_one("select pg_try_advisory_xact_lock($1)", &[&PROCESSOR_LOCK])
