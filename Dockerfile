@@ -16,11 +16,15 @@ FROM rust:1.95-bookworm AS builder
 WORKDIR /build
 
 # Build the dependencies alone first, against empty sources, so that this
-# layer stays cached until Cargo.toml or Cargo.lock change.
+# layer stays cached until the manifests or Cargo.lock change. The workspace
+# lists the benchmark suite in bench/, so Cargo needs its manifest and a
+# source file to load the workspace; the build itself covers only gancho.
 COPY Cargo.toml Cargo.lock ./
-RUN mkdir src \
+COPY bench/Cargo.toml ./bench/
+RUN mkdir src bench/src \
     && echo 'fn main() {}' > src/main.rs \
     && touch src/lib.rs \
+    && echo 'fn main() {}' > bench/src/main.rs \
     && cargo build --release --locked
 
 # The binary embeds sql/ and examples/ with include_str!, so both are needed

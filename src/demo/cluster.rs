@@ -3,8 +3,10 @@
 //!
 //! The cluster lives in a fresh temporary folder, listens on a free port on
 //! 127.0.0.1 with trust authentication, and runs with fsync off, because it contains
-//! nothing worth keeping. Postgres refuses to run as root, so under root the
-//! server runs as the `postgres` user that Debian's package creates.
+//! nothing worth keeping. [`TempCluster::start_with`] starts one with other
+//! server settings instead, such as the durable ones a benchmark needs.
+//! Postgres refuses to run as root, so under root the server runs as the
+//! `postgres` user that Debian's package creates.
 
 use std::ffi::CString;
 use std::path::{Path, PathBuf};
@@ -40,8 +42,18 @@ pub struct TempCluster {
     port: u16,
     bin_dir: PathBuf,
     run_as: Option<(u32, u32)>,
+    /// Server settings passed as `-c name=value`, kept for restarts.
+    settings: Vec<(String, String)>,
     keeper: Option<Keeper>,
 }
+
+/// The settings of [`TempCluster::start`]: no durability, since a test
+/// cluster contains nothing worth keeping, and room for many test connections.
+const TEST_SETTINGS: &[(&str, &str)] = &[
+    ("fsync", "off"),
+    ("full_page_writes", "off"),
+    ("max_connections", "200"),
+];
 
 /// The thread that started the server and owns its process. The server gets
 /// SIGQUIT when this thread ends (PR_SET_PDEATHSIG), so a test process that
@@ -53,7 +65,16 @@ struct Keeper {
 }
 
 impl TempCluster {
+    /// Starts a cluster with fsync and full_page_writes off and
+    /// max_connections at 200.
     pub fn start() -> Result<TempCluster, ClusterError> {
+        TempCluster::start_with(TEST_SETTINGS)
+    }
+
+    /// Starts a cluster with exactly these server settings, as `(name, value)`
+    /// pairs, on top of the server's defaults. Unlike [`TempCluster::start`],
+    /// nothing is turned off: without a `fsync` entry the server syncs to disk.
+    pub fn start_with(settings: &[(&str, &str)]) -> Result<TempCluster, ClusterError> {
         let bin_dir = find_server_programs().ok_or(ClusterError::ProgramsNotFound)?;
         remove_stale_folders();
 
@@ -79,6 +100,10 @@ impl TempCluster {
             port: 0,
             bin_dir,
             run_as,
+            settings: settings
+                .iter()
+                .map(|(name, value)| (name.to_string(), value.to_string()))
+                .collect(),
             keeper: None,
         };
         cluster.initdb()?;
@@ -142,15 +167,11 @@ impl TempCluster {
             .arg(self.data_dir())
             .args(["-p", &self.port.to_string(), "-c", "listen_addresses=127.0.0.1"])
             .arg("-c")
-            .arg(format!("unix_socket_directories={}", self.root.display()))
-            .args([
-                "-c",
-                "fsync=off",
-                "-c",
-                "full_page_writes=off",
-                "-c",
-                "max_connections=200",
-            ])
+            .arg(format!("unix_socket_directories={}", self.root.display()));
+        for (name, value) in &self.settings {
+            command.arg("-c").arg(format!("{name}={value}"));
+        }
+        command
             .stdin(Stdio::null())
             .stdout(
                 log.try_clone()
