@@ -84,7 +84,7 @@ impl Dispatcher {
 
     pub async fn run(self) {
         if let Ok(client) = self.pool.get().await
-            && let Err(error) = health::register(&client, &self.endpoint.name).await
+            && let Err(error) = health::register(&**client, &self.endpoint.name).await
         {
             tracing::warn!(endpoint = %self.endpoint.name, error = %error, "cannot register the endpoint's state");
         }

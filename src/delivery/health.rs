@@ -10,6 +10,7 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use tokio_postgres::GenericClient;
 
 use crate::config::{Endpoint, format_duration};
 
@@ -35,7 +36,7 @@ pub enum Health {
 }
 
 /// Creates the endpoint's state row if it does not exist yet.
-pub async fn register(client: &tokio_postgres::Client, endpoint: &str) -> Result<(), tokio_postgres::Error> {
+pub async fn register(client: &impl GenericClient, endpoint: &str) -> Result<(), tokio_postgres::Error> {
     client
         .execute(
             "insert into gancho.endpoint_state (endpoint) values ($1) on conflict (endpoint) do nothing",
@@ -76,7 +77,7 @@ pub async fn read(client: &tokio_postgres::Client, endpoint: &Endpoint) -> Resul
 
 /// Closes the breaker after a success. Touches the row only when it is not
 /// already healthy, so healthy endpoints do not contend on one row lock.
-pub async fn record_success(client: &tokio_postgres::Client, endpoint: &str) -> Result<(), tokio_postgres::Error> {
+pub async fn record_success(client: &impl GenericClient, endpoint: &str) -> Result<(), tokio_postgres::Error> {
     client
         .execute(
             "update gancho.endpoint_state
@@ -101,7 +102,7 @@ pub struct FailureState {
 /// failures in a row, pauses the endpoint for a Retry-After, and disables it
 /// once it has failed without a success for `disable_after`.
 pub async fn record_failure(
-    client: &tokio_postgres::Client,
+    client: &impl GenericClient,
     endpoint: &Endpoint,
     retry_after: Option<Duration>,
 ) -> Result<FailureState, tokio_postgres::Error> {
@@ -154,7 +155,7 @@ pub async fn record_failure(
 
 /// Disables an endpoint at once, as after a 410 Gone.
 pub async fn disable(
-    client: &tokio_postgres::Client,
+    client: &impl GenericClient,
     endpoint: &str,
     reason: &str,
 ) -> Result<(), tokio_postgres::Error> {

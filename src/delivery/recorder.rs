@@ -154,7 +154,14 @@ async fn run(endpoint: std::sync::Arc<Endpoint>, pool: Pool, mut receiver: mpsc:
 /// Writes the attempts and the deliveries' new states in one statement, then
 /// the endpoint's health. Returns the ids of the deliveries updated.
 async fn write_batch(pool: &Pool, endpoint: &Endpoint, outcomes: &[&Outcome]) -> Result<Vec<i64>, db::DbError> {
-    let client = pool.get().await.map_err(db::DbError::Checkout)?;
+    let mut client = pool.get().await.map_err(db::DbError::Checkout)?;
+    let transaction = client.transaction().await?;
+
+    // The commit need not wait for its WAL flush. If the server crashes
+    // before the flush, these deliveries are sent again after their lease,
+    // with the same webhook ids: at least once still holds. The dispatcher's
+    // next claim commits synchronously and flushes this commit with it.
+    transaction.batch_execute("set local synchronous_commit = off").await?;
 
     let mut ids = Vec::with_capacity(outcomes.len());
     let mut attempts = Vec::with_capacity(outcomes.len());
@@ -180,7 +187,7 @@ async fn write_batch(pool: &Pool, endpoint: &Endpoint, outcomes: &[&Outcome]) ->
         attempts_used.push(used);
     }
 
-    let rows = client
+    let rows = transaction
         .query(
             "with outcome as (
                  select * from unnest($1::bigint[], $2::int[], $3::timestamptz[], $4::int[], $5::float8[],
@@ -217,11 +224,8 @@ async fn write_batch(pool: &Pool, endpoint: &Endpoint, outcomes: &[&Outcome]) ->
         .await?;
     let updated: Vec<i64> = rows.iter().map(|row| row.get(0)).collect();
 
-    // The attempts are committed by now, so a failure here is only logged:
-    // the next outcome brings the health up to date.
-    if let Err(error) = record_health(&client, endpoint, outcomes).await {
-        tracing::warn!(endpoint = %endpoint.name, error = %error, "could not update the endpoint's health");
-    }
+    record_health(&transaction, endpoint, outcomes).await?;
+    transaction.commit().await?;
     Ok(updated)
 }
 
@@ -229,7 +233,7 @@ async fn write_batch(pool: &Pool, endpoint: &Endpoint, outcomes: &[&Outcome]) ->
 /// attempts finished. A run of successes is one write, and a success that
 /// finds the endpoint healthy changes no row.
 async fn record_health(
-    client: &tokio_postgres::Client,
+    client: &tokio_postgres::Transaction<'_>,
     endpoint: &Endpoint,
     outcomes: &[&Outcome],
 ) -> Result<(), tokio_postgres::Error> {

@@ -90,8 +90,15 @@ impl Processor {
             });
         }
         let timeout_ms = self.config.sidecar.enrich_timeout.as_millis();
+        // The commit need not wait for its WAL flush: before any delivery of
+        // this batch is sent, the dispatcher's claim commits synchronously,
+        // which flushes this earlier commit too. A server crash before that
+        // loses the batch's events, which are then made again from the
+        // outbox rows, and nothing had been sent with their webhook ids.
         transaction
-            .batch_execute(&format!("set local statement_timeout = {timeout_ms}"))
+            .batch_execute(&format!(
+                "set local statement_timeout = {timeout_ms}; set local synchronous_commit = off"
+            ))
             .await?;
 
         // Claim the oldest unprocessed rows. Rows of transactions that are still
