@@ -154,11 +154,7 @@ pub async fn record_failure(
 }
 
 /// Disables an endpoint at once, as after a 410 Gone.
-pub async fn disable(
-    client: &impl GenericClient,
-    endpoint: &str,
-    reason: &str,
-) -> Result<(), tokio_postgres::Error> {
+pub async fn disable(client: &impl GenericClient, endpoint: &str, reason: &str) -> Result<(), tokio_postgres::Error> {
     client
         .execute(
             "insert into gancho.endpoint_state (endpoint, disabled_at, disabled_reason) values ($1, now(), $2)

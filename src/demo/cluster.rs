@@ -60,7 +60,9 @@ const TEST_SETTINGS: &[(&str, &str)] = &[
 /// dies does not leave a server behind. The thread is a dedicated one because
 /// the signal follows the thread that forked, not the process.
 struct Keeper {
-    stop: mpsc::Sender<()>,
+    /// Takes the signal that stops the server: SIGINT for a fast shutdown,
+    /// SIGQUIT for an immediate one.
+    stop: mpsc::Sender<i32>,
     thread: std::thread::JoinHandle<()>,
 }
 
@@ -187,7 +189,7 @@ impl TempCluster {
         }
 
         let (started_sender, started) = mpsc::channel();
-        let (stop, stop_requested) = mpsc::channel::<()>();
+        let (stop, stop_requested) = mpsc::channel::<i32>();
         let thread = std::thread::spawn(move || {
             let child = command.spawn();
             let mut child: Child = match child {
@@ -200,11 +202,11 @@ impl TempCluster {
                     return;
                 }
             };
-            // Wait for a stop request (or for the owner to be dropped), then
-            // ask for a fast shutdown and wait for it.
-            let _ = stop_requested.recv();
+            // Wait for a stop request (or for the owner to be dropped, which
+            // asks for a fast shutdown), then signal the server and wait.
+            let signal = stop_requested.recv().unwrap_or(libc::SIGINT);
             unsafe {
-                libc::kill(child.id() as i32, libc::SIGINT);
+                libc::kill(child.id() as i32, signal);
             }
             let deadline = Instant::now() + Duration::from_secs(20);
             while Instant::now() < deadline {
@@ -251,10 +253,22 @@ impl TempCluster {
 
     /// Stops the server with a fast shutdown and waits until it has exited.
     pub fn stop(&mut self) {
+        self.stop_with(libc::SIGINT);
+    }
+
+    fn stop_with(&mut self, signal: i32) {
         if let Some(keeper) = self.keeper.take() {
-            let _ = keeper.stop.send(());
+            let _ = keeper.stop.send(signal);
             let _ = keeper.thread.join();
         }
+    }
+
+    /// Stops the server as a crash would (an immediate shutdown: WAL not yet
+    /// written from shared memory is lost), then starts it again, which
+    /// replays the WAL.
+    pub fn crash_and_restart(&mut self) -> Result<(), ClusterError> {
+        self.stop_with(libc::SIGQUIT);
+        self.launch()
     }
 
     /// Starts the server again on the same port, keeping its data.

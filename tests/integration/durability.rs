@@ -316,3 +316,93 @@ async fn shutdown_timeout_releases_unfinished_leases() {
     assert!(row.get::<_, bool>(2), "the lease is released for the next start");
     assert_eq!(db.count("select count(*) from gancho.attempt").await, 0);
 }
+
+#[tokio::test]
+async fn postgres_crash_keeps_webhook_ids() {
+    // A cluster of this test's own, since crashing a shared server would
+    // disturb the other tests. Its WAL writer waits 10 s between rounds
+    // instead of 0.2 s, so asynchronous commits stay in memory longer and a
+    // crash is likelier to lose some.
+    let mut cluster = tokio::task::spawn_blocking(|| {
+        gancho::demo::cluster::TempCluster::start_with(&[
+            ("fsync", "off"),
+            ("full_page_writes", "off"),
+            ("max_connections", "200"),
+            ("wal_writer_delay", "10s"),
+        ])
+    })
+    .await
+    .unwrap()
+    .expect("a throwaway cluster starts");
+    let url = cluster.url("postgres");
+    let admin = connect(&url).await;
+    admin
+        .batch_execute("create table orders (id int primary key, state text)")
+        .await
+        .unwrap();
+    drop(admin);
+    let receiver = receiver().await;
+    let config = parse_config(&config_text(&url, &receiver.url(), ORDERS), &[]);
+    let mut installer = connect(&url).await;
+    gancho::capture::install(&mut installer, &config)
+        .await
+        .expect("gancho installs");
+    drop(installer);
+    let sidecar = start_sidecar(config);
+
+    // One committed transaction, and no other synchronous commit after it:
+    // from here on only gancho's own commits move the WAL forward, so a
+    // delivery sent before its event was flushed would be lost in the crash
+    // and made again under a new webhook-id.
+    const ORDER_COUNT: i32 = 1500;
+    let writer = connect(&url).await;
+    writer
+        .execute(
+            "insert into orders select id, 'new' from generate_series(1, $1) id",
+            &[&ORDER_COUNT],
+        )
+        .await
+        .unwrap();
+    drop(writer);
+    receiver.set_delay(Duration::from_millis(5));
+
+    // Crash while events are being made, sent and recorded.
+    receiver.wait_for(300, Duration::from_secs(30)).await;
+    let mut cluster = tokio::task::spawn_blocking(move || {
+        cluster
+            .crash_and_restart()
+            .expect("the cluster restarts after the crash");
+        cluster
+    })
+    .await
+    .unwrap();
+    receiver.set_delay(Duration::ZERO);
+
+    let mut ids_by_order: HashMap<i64, std::collections::BTreeSet<String>> = HashMap::new();
+    for _ in 0..600 {
+        ids_by_order.clear();
+        for webhook in receiver.received() {
+            if webhook.answered == 200 {
+                let id = webhook.data()["key"]["id"].as_i64().expect("an integer key");
+                ids_by_order.entry(id).or_default().insert(webhook.webhook_id.clone());
+            }
+        }
+        if ids_by_order.len() == ORDER_COUNT as usize {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    sidecar.stop().await;
+    cluster.stop();
+
+    assert_eq!(
+        ids_by_order.len(),
+        ORDER_COUNT as usize,
+        "every committed order arrived"
+    );
+    let with_two_ids: Vec<_> = ids_by_order.iter().filter(|(_, ids)| ids.len() > 1).collect();
+    assert!(
+        with_two_ids.is_empty(),
+        "orders that arrived under more than one webhook-id: {with_two_ids:?}"
+    );
+}
