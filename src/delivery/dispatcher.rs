@@ -97,6 +97,10 @@ impl Dispatcher {
                 break;
             }
 
+            // A finished task keeps its memory, the size of its future,
+            // until it is joined, so join every finished one on each turn.
+            while in_flight.try_join_next().is_some() {}
+
             // While requests are in flight, claim only once a quarter of the
             // slots is free, so a busy endpoint claims in batches instead of
             // one query per finished request.
