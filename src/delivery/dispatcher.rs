@@ -217,9 +217,10 @@ impl Dispatcher {
     async fn claim(&self, limit: usize) -> Result<Vec<ClaimedDelivery>, db::DbError> {
         let client = self.pool.get().await.map_err(db::DbError::Checkout)?;
         let lease_ms = self.settings.lease.as_millis() as f64;
+        let claim = client.prepare_cached(CLAIM_SQL).await?;
         let rows = client
             .query(
-                CLAIM_SQL,
+                &claim,
                 &[&self.endpoint.name, &(limit as i64), &lease_ms, &self.endpoint.ordered],
             )
             .await?;
@@ -279,14 +280,14 @@ impl Dispatcher {
 
     async fn time_until_next_due(&self) -> Option<Duration> {
         let client = self.pool.get().await.ok()?;
-        let row = client
-            .query_one(
+        let statement = client
+            .prepare_cached(
                 "select (extract(epoch from min(next_attempt_at) - now()) * 1000)::bigint
                  from gancho.delivery where endpoint = $1 and status = 'pending'",
-                &[&self.endpoint.name],
             )
             .await
             .ok()?;
+        let row = client.query_one(&statement, &[&self.endpoint.name]).await.ok()?;
         let millis: Option<i64> = row.get(0);
         millis.map(|millis| Duration::from_millis(millis.clamp(10, i64::MAX) as u64))
     }

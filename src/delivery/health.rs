@@ -46,14 +46,14 @@ pub async fn register(client: &impl GenericClient, endpoint: &str) -> Result<(),
     Ok(())
 }
 
-pub async fn read(client: &tokio_postgres::Client, endpoint: &Endpoint) -> Result<Health, tokio_postgres::Error> {
-    let row = client
-        .query_opt(
+pub async fn read(client: &deadpool_postgres::Client, endpoint: &Endpoint) -> Result<Health, tokio_postgres::Error> {
+    let statement = client
+        .prepare_cached(
             "select consecutive_failures, paused_until, disabled_reason, disabled_at is not null, now()
              from gancho.endpoint_state where endpoint = $1",
-            &[&endpoint.name],
         )
         .await?;
+    let row = client.query_opt(&statement, &[&endpoint.name]).await?;
     let Some(row) = row else {
         return Ok(Health::Healthy);
     };

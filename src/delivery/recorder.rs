@@ -187,8 +187,8 @@ async fn write_batch(pool: &Pool, endpoint: &Endpoint, outcomes: &[&Outcome]) ->
         attempts_used.push(used);
     }
 
-    let rows = transaction
-        .query(
+    let statement = transaction
+        .prepare_cached(
             "with outcome as (
                  select * from unnest($1::bigint[], $2::int[], $3::timestamptz[], $4::int[], $5::float8[],
                                       $6::text[], $7::text[], $8::text[], $9::float8[], $10::int[])
@@ -208,6 +208,11 @@ async fn write_batch(pool: &Pool, endpoint: &Endpoint, outcomes: &[&Outcome]) ->
              from outcome o
              where d.id = o.delivery_id and d.attempts = o.attempt
              returning d.id",
+        )
+        .await?;
+    let rows = transaction
+        .query(
+            &statement,
             &[
                 &ids,
                 &attempts,

@@ -14,8 +14,8 @@
 use std::collections::{BTreeSet, HashMap};
 
 use chrono::{DateTime, Utc};
+use deadpool_postgres::Transaction;
 use serde_json::{Map, Value};
-use tokio_postgres::Transaction;
 
 use super::{Change, Operation, Row, RuleMatch, StateUpdate, enrich, evaluate, needs_state};
 use crate::config::{Config, Rule};
@@ -67,22 +67,23 @@ impl Processor {
     /// Processes up to `batch_size` outbox rows in one transaction.
     pub async fn process_batch(
         &self,
-        client: &mut tokio_postgres::Client,
+        client: &mut deadpool_postgres::Client,
     ) -> Result<BatchOutcome, tokio_postgres::Error> {
         // Most looks at an idle outbox find nothing: one index probe answers
         // that without a transaction and a lock.
-        let waiting = client
-            .query_opt("select 1 from gancho.outbox where processed_at is null limit 1", &[])
+        let probe = client
+            .prepare_cached("select 1 from gancho.outbox where processed_at is null limit 1")
             .await?;
+        let waiting = client.query_opt(&probe, &[]).await?;
         if waiting.is_none() {
             return Ok(BatchOutcome::default());
         }
 
         let transaction = client.transaction().await?;
-        let locked: bool = transaction
-            .query_one("select pg_try_advisory_xact_lock($1)", &[&PROCESSOR_LOCK])
-            .await?
-            .get(0);
+        let lock = transaction
+            .prepare_cached("select pg_try_advisory_xact_lock($1)")
+            .await?;
+        let locked: bool = transaction.query_one(&lock, &[&PROCESSOR_LOCK]).await?.get(0);
         if !locked {
             return Ok(BatchOutcome {
                 busy: true,
@@ -103,9 +104,8 @@ impl Processor {
 
         // Claim the oldest unprocessed rows. Rows of transactions that are still
         // open are invisible here and are taken by a later batch once committed.
-        let rows = transaction
-            .query(CLAIM_CHANGES_SQL, &[&self.config.sidecar.batch_size])
-            .await?;
+        let claim = transaction.prepare_cached(CLAIM_CHANGES_SQL).await?;
+        let rows = transaction.query(&claim, &[&self.config.sidecar.batch_size]).await?;
         if rows.is_empty() {
             return Ok(BatchOutcome::default());
         }
@@ -167,12 +167,10 @@ impl Processor {
         }
         insert_events(&transaction, &events).await?;
         save_states(&transaction, &states, &dirty_states).await?;
-        transaction
-            .execute(
-                "update gancho.outbox set processed_at = now() where id = any($1)",
-                &[&ids],
-            )
+        let statement = transaction
+            .prepare_cached("update gancho.outbox set processed_at = now() where id = any($1)")
             .await?;
+        transaction.execute(&statement, &[&ids]).await?;
         transaction.commit().await?;
 
         for event in &events {
@@ -405,12 +403,11 @@ async fn load_states(
         return Ok(states);
     }
 
-    let rows = transaction
-        .query(
-            "select rule, key, state from gancho.rule_state where rule = any($1) and key = any($2)",
-            &[&rule_names, &keys],
-        )
+    let statement = transaction
+        .prepare_cached("select rule, key, state from gancho.rule_state where rule = any($1) and key = any($2)")
         .await?;
+
+    let rows = transaction.query(&statement, &[&rule_names, &keys]).await?;
     for row in rows {
         let key: Value = row.get(1);
         states.insert((row.get(0), key.to_string()), Some(row.get(2)));
@@ -442,23 +439,25 @@ async fn save_states(
     }
 
     if !set_rules.is_empty() {
-        transaction
-            .execute(
+        let statement = transaction
+            .prepare_cached(
                 "insert into gancho.rule_state (rule, key, state)
                  select * from unnest($1::text[], $2::jsonb[], $3::text[])
                  on conflict (rule, key) do update set state = excluded.state, updated_at = now()",
-                &[&set_rules, &set_keys, &set_values],
             )
+            .await?;
+        transaction
+            .execute(&statement, &[&set_rules, &set_keys, &set_values])
             .await?;
     }
     if !clear_rules.is_empty() {
-        transaction
-            .execute(
+        let statement = transaction
+            .prepare_cached(
                 "delete from gancho.rule_state s using unnest($1::text[], $2::jsonb[]) as cleared (rule, key)
                  where s.rule = cleared.rule and s.key = cleared.key",
-                &[&clear_rules, &clear_keys],
             )
             .await?;
+        transaction.execute(&statement, &[&clear_rules, &clear_keys]).await?;
     }
     Ok(())
 }
@@ -479,9 +478,8 @@ async fn insert_events(transaction: &Transaction<'_>, events: &[PendingEvent]) -
     // One statement writes the events and their deliveries. The join back to
     // the input is on (outbox_id, rule), which is unique because a rule emits
     // at most one event per change.
-    transaction
-        .execute(
-            "with input as (
+    let statement = transaction
+        .prepare_cached("with input as (
                  select * from unnest($1::bigint[], $2::text[], $3::text[], $4::jsonb[], $5::timestamptz[], $6::text[], $7::text[])
                      as input (outbox_id, rule, type, data, occurred_at, endpoints, ordering_key)
              ), inserted as (
@@ -494,8 +492,20 @@ async fn insert_events(transaction: &Transaction<'_>, events: &[PendingEvent]) -
              from inserted
              join input on input.outbox_id = inserted.outbox_id and input.rule = inserted.rule
              cross join lateral unnest(string_to_array(input.endpoints, ',')) as endpoint
-             order by inserted.id, endpoint",
-            &[&outbox_ids, &rules, &types, &data, &occurred, &endpoints, &ordering_keys],
+             order by inserted.id, endpoint")
+        .await?;
+    transaction
+        .execute(
+            &statement,
+            &[
+                &outbox_ids,
+                &rules,
+                &types,
+                &data,
+                &occurred,
+                &endpoints,
+                &ordering_keys,
+            ],
         )
         .await?;
     Ok(())

@@ -17,38 +17,40 @@
 
 use std::time::Duration;
 
-use tokio_postgres::Client;
+use deadpool_postgres::Client;
 
 /// Sets the doorbell to 1 and returns the ids of the transactions in progress
 /// at that moment. The snapshot is taken by a second statement, after the
 /// `setval` has taken effect, so it includes every writer that read 0.
 pub async fn arm(client: &Client) -> Result<Vec<i64>, tokio_postgres::Error> {
-    client.execute("select setval('gancho.doorbell', 1)", &[]).await?;
-    let row = client
-        .query_one(
+    let set = client.prepare_cached("select setval('gancho.doorbell', 1)").await?;
+    client.execute(&set, &[]).await?;
+    let snapshot = client
+        .prepare_cached(
             "select coalesce(array_agg(xid::text::bigint), '{}') from pg_snapshot_xip(pg_current_snapshot()) xid",
-            &[],
         )
         .await?;
+    let row = client.query_one(&snapshot, &[]).await?;
     Ok(row.get(0))
 }
 
 /// Sets the doorbell to 0: the processor is at work and will look at the
 /// outbox again before it waits.
 pub async fn disarm(client: &Client) -> Result<(), tokio_postgres::Error> {
-    client.execute("select setval('gancho.doorbell', 0)", &[]).await?;
+    let reset = client.prepare_cached("select setval('gancho.doorbell', 0)").await?;
+    client.execute(&reset, &[]).await?;
     Ok(())
 }
 
 /// Returns those of `transactions` that are still in progress.
 pub async fn still_running(client: &Client, transactions: &[i64]) -> Result<Vec<i64>, tokio_postgres::Error> {
-    let row = client
-        .query_one(
+    let statement = client
+        .prepare_cached(
             "select coalesce(array_agg(xid), '{}') from unnest($1::bigint[]) xid
              where pg_xact_status(xid::text::xid8) = 'in progress'",
-            &[&transactions],
         )
         .await?;
+    let row = client.query_one(&statement, &[&transactions]).await?;
     Ok(row.get(0))
 }
 
