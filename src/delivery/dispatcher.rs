@@ -8,12 +8,13 @@
 //! `attempts` still has the claimed value. That fences off a sidecar whose
 //! lease expired while its request was slow.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use deadpool_postgres::Pool;
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -58,6 +59,8 @@ pub struct Dispatcher {
     shutdown: CancellationToken,
     /// Deliveries claimed and not yet recorded, released on shutdown.
     claimed: Arc<Mutex<HashSet<i64>>>,
+    /// Set by an attempt that failed, once its outcome is recorded.
+    failed: Arc<AtomicBool>,
 }
 
 impl Dispatcher {
@@ -79,6 +82,7 @@ impl Dispatcher {
             wake,
             shutdown,
             claimed: Arc::default(),
+            failed: Arc::default(),
         }
     }
 
@@ -88,8 +92,16 @@ impl Dispatcher {
         {
             tracing::warn!(endpoint = %self.endpoint.name, error = %error, "cannot register the endpoint's state");
         }
-        let semaphore = Arc::new(Semaphore::new(self.endpoint.max_in_flight));
+        let max_in_flight = self.endpoint.max_in_flight;
+        let semaphore = Arc::new(Semaphore::new(max_in_flight));
         let mut in_flight = JoinSet::new();
+        // Claimed deliveries waiting for a request slot. Claiming up to one
+        // batch ahead keeps the slots busy while the next claim runs, which
+        // takes a few milliseconds.
+        let mut queue: VecDeque<ClaimedDelivery> = VecDeque::new();
+        // How many requests the endpoint's health allows at once, from the
+        // last read: all, one probe, or none while paused or disabled.
+        let mut allowed = usize::MAX;
         let mut failures = 0u32;
 
         loop {
@@ -101,23 +113,48 @@ impl Dispatcher {
             // until it is joined, so join every finished one on each turn.
             while in_flight.try_join_next().is_some() {}
 
-            // While requests are in flight, claim only once a quarter of the
-            // slots is free, so a busy endpoint claims in batches instead of
-            // one query per finished request.
+            // A failed attempt may have paused the endpoint: read its health
+            // again before sending what waits.
+            if self.failed.swap(false, Ordering::AcqRel) {
+                allowed = self
+                    .check_health(&mut failures)
+                    .await
+                    .map(|(slots, _)| slots)
+                    .unwrap_or(0);
+                if allowed == 0 && !queue.is_empty() {
+                    let ids: Vec<i64> = queue.drain(..).map(|delivery| delivery.id).collect();
+                    self.release(&ids).await;
+                }
+            }
+            while !queue.is_empty() && max_in_flight - semaphore.available_permits() < allowed {
+                let Ok(permit) = Arc::clone(&semaphore).try_acquire_owned() else {
+                    break;
+                };
+                let delivery = queue.pop_front().expect("the queue is not empty");
+                in_flight.spawn(self.attempt_task(delivery, permit));
+            }
+
+            // Claim in batches of at least a quarter of the slots, so a busy
+            // endpoint makes one query per batch instead of one per request.
             let mut wait = self.settings.poll_interval;
-            let min_claim = (self.endpoint.max_in_flight / 4).max(1);
-            if !in_flight.is_empty() && semaphore.available_permits() < min_claim {
+            let requests = max_in_flight - semaphore.available_permits();
+            let outstanding = requests + queue.len();
+            let room = (2 * max_in_flight).saturating_sub(outstanding);
+            let min_claim = (max_in_flight / 4).max(1);
+            if !in_flight.is_empty() && (room < min_claim || queue.len() >= max_in_flight) {
                 tokio::select! {
                     biased;
                     _ = self.shutdown.cancelled() => break,
-                    Some(_) = in_flight.join_next() => {}
+                    // A slot frees up when a request succeeds, before its task ends.
+                    permit = Arc::clone(&semaphore).acquire_owned(), if !queue.is_empty() => drop(permit),
+                    _ = in_flight.join_next() => {}
                 }
                 continue;
             }
 
-            // Claim as many deliveries as there are free request slots, unless
-            // the endpoint as a whole is paused or disabled.
-            let slots = match self.check_health(&mut failures).await {
+            // Claim unless the endpoint as a whole is paused or disabled. A
+            // probe is a single request with nothing else outstanding.
+            allowed = match self.check_health(&mut failures).await {
                 Ok((slots, health_wait)) => {
                     wait = health_wait.unwrap_or(wait);
                     slots
@@ -127,24 +164,26 @@ impl Dispatcher {
                     0
                 }
             };
-            let free = semaphore.available_permits().min(slots);
+            if allowed == 0 && !queue.is_empty() {
+                // A pause can outlast the leases, so let the waiting
+                // deliveries go instead of holding them.
+                let ids: Vec<i64> = queue.drain(..).map(|delivery| delivery.id).collect();
+                self.release(&ids).await;
+            }
+            let limit = match allowed {
+                0 => 0,
+                1 if outstanding > 0 => 0,
+                1 => 1,
+                _ => room,
+            };
             let mut claimed_count = 0;
-            if free > 0 {
-                match self.claim(free).await {
+            if limit > 0 {
+                match self.claim(limit).await {
                     Ok(deliveries) => {
                         failures = 0;
                         claimed_count = deliveries.len();
-                        for delivery in deliveries {
-                            let permit = Arc::clone(&semaphore)
-                                .try_acquire_owned()
-                                .expect("no more deliveries are claimed than there are free permits");
-                            let task = self.attempt_task(delivery);
-                            in_flight.spawn(async move {
-                                task.await;
-                                drop(permit);
-                            });
-                        }
-                        if claimed_count == 0 {
+                        queue.extend(deliveries);
+                        if claimed_count == 0 && outstanding == 0 {
                             wait = self.time_until_next_due().await.unwrap_or(wait).min(wait);
                         }
                     }
@@ -155,7 +194,7 @@ impl Dispatcher {
                     }
                 }
             }
-            if free > 0 && claimed_count == free {
+            if claimed_count > 0 {
                 continue;
             }
 
@@ -163,6 +202,7 @@ impl Dispatcher {
                 biased;
                 _ = self.shutdown.cancelled() => break,
                 _ = self.wake.notified() => {}
+                permit = Arc::clone(&semaphore).acquire_owned(), if !queue.is_empty() => drop(permit),
                 Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
                 _ = tokio::time::sleep(wait) => {}
             }
@@ -190,8 +230,21 @@ impl Dispatcher {
         }
 
         let leftover: Vec<i64> = self.claimed.lock().expect("claimed set lock").drain().collect();
-        if leftover.is_empty() {
+        self.release(&leftover).await;
+    }
+
+    /// Gives claimed deliveries that were not sent back, undoing their claim,
+    /// so another sidecar or the next turn sends them at once instead of
+    /// after the lease.
+    async fn release(&self, ids: &[i64]) {
+        if ids.is_empty() {
             return;
+        }
+        {
+            let mut claimed = self.claimed.lock().expect("claimed set lock");
+            for id in ids {
+                claimed.remove(id);
+            }
         }
         let released = async {
             let client = self.pool.get().await.map_err(|error| error.to_string())?;
@@ -199,14 +252,14 @@ impl Dispatcher {
                 .execute(
                     "update gancho.delivery set lease_until = null, attempts = attempts - 1
                      where id = any($1) and status = 'pending'",
-                    &[&leftover],
+                    &[&ids],
                 )
                 .await
                 .map_err(|error| error.to_string())
         };
         match released.await {
             Ok(count) => {
-                tracing::info!(endpoint = %self.endpoint.name, deliveries = count, "released leases of unfinished deliveries")
+                tracing::info!(endpoint = %self.endpoint.name, deliveries = count, "released leases of unsent deliveries")
             }
             Err(error) => {
                 tracing::warn!(endpoint = %self.endpoint.name, error = %error, "could not release leases; they expire on their own")
@@ -293,11 +346,16 @@ impl Dispatcher {
     }
 
     /// Sends one delivery and records the attempt, inside a span with its ids.
-    fn attempt_task(&self, delivery: ClaimedDelivery) -> impl std::future::Future<Output = ()> + Send + 'static {
+    fn attempt_task(
+        &self,
+        delivery: ClaimedDelivery,
+        permit: OwnedSemaphorePermit,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
         let endpoint = Arc::clone(&self.endpoint);
         let client = self.client.clone();
         let recorder = self.recorder.clone();
         let claimed = Arc::clone(&self.claimed);
+        let failed = Arc::clone(&self.failed);
         let span = tracing::info_span!(
             "delivery",
             delivery_id = delivery.id,
@@ -312,8 +370,20 @@ impl Dispatcher {
             let verdict = verdict(&endpoint, &delivery, &result);
             log_attempt(&delivery, &result, verdict);
 
-            let recorded = recorder.record(Outcome::new(&delivery, &result, verdict)).await;
+            // After a success the request slot is free at once, while the
+            // outcome waits for the recorder's next batch. After a failure it
+            // is held until the outcome is written, so the dispatcher reads
+            // the endpoint's health, which may now be paused, before its next
+            // request.
+            let recorded = recorder.submit(Outcome::new(&delivery, &result, verdict));
+            if verdict == Verdict::Delivered {
+                drop(permit);
+            }
+            let recorded = recorded.await;
             claimed.lock().expect("claimed set lock").remove(&delivery.id);
+            if verdict != Verdict::Delivered {
+                failed.store(true, Ordering::Release);
+            }
             match recorded {
                 Ok(true) => {}
                 Ok(false) => {

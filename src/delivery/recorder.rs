@@ -106,13 +106,17 @@ pub struct RecorderHandle {
 }
 
 impl RecorderHandle {
-    /// Writes one outcome and returns once it is committed.
-    pub async fn record(&self, outcome: Outcome) -> Recorded {
+    /// Queues one outcome for writing, and returns a future that resolves
+    /// once it is committed.
+    pub fn submit(&self, outcome: Outcome) -> impl std::future::Future<Output = Recorded> + Send + 'static {
         let (reply, answer) = oneshot::channel();
-        self.sender
-            .send((outcome, reply))
-            .map_err(|_| "the recorder has stopped".to_string())?;
-        answer.await.map_err(|_| "the recorder has stopped".to_string())?
+        let queued = self.sender.send((outcome, reply)).is_ok();
+        async move {
+            if !queued {
+                return Err("the recorder has stopped".to_string());
+            }
+            answer.await.map_err(|_| "the recorder has stopped".to_string())?
+        }
     }
 }
 
@@ -151,17 +155,44 @@ async fn run(endpoint: std::sync::Arc<Endpoint>, pool: Pool, mut receiver: mpsc:
     }
 }
 
+/// Inserts the attempts of a batch, passed as arrays. The statements below
+/// complete it.
+const RECORD_SQL: &str = "with outcome as (
+         select * from unnest($1::bigint[], $2::int[], $3::timestamptz[], $4::int[], $5::float8[],
+                              $6::text[], $7::text[], $8::text[], $9::float8[], $10::int[])
+             as outcome (delivery_id, attempt, started_at, status_code, latency_ms,
+                         error, response_body, status, delay_ms, attempts_used)
+     ), recorded as (
+         insert into gancho.attempt (delivery_id, attempt, started_at, status_code, latency_ms, error, response_body)
+         select delivery_id, attempt, started_at, status_code, latency_ms, error, response_body from outcome
+     ), ";
+
+/// For a batch of successes only: the endpoint's failures are forgotten.
+const HEALTHY_SQL: &str = "healthy as (
+         update gancho.endpoint_state
+         set consecutive_failures = 0, failing_since = null, paused_until = null, pause_ms = null
+         where endpoint = $11 and (consecutive_failures > 0 or paused_until is not null or failing_since is not null)
+     ), ";
+
+/// The deliveries' new states, fenced by the attempt number each claim gave.
+const UPDATE_SQL: &str = "updated as (
+         update gancho.delivery d
+         set status = o.status,
+             next_attempt_at = now() + o.delay_ms * interval '1 millisecond',
+             lease_until = null,
+             attempts = o.attempts_used,
+             finished_at = case when o.status = 'pending' then null else now() end,
+             last_error = o.error
+         from outcome o
+         where d.id = o.delivery_id and d.attempts = o.attempt
+         returning d.id
+     )
+     select id from updated";
+
 /// Writes the attempts and the deliveries' new states in one statement, then
 /// the endpoint's health. Returns the ids of the deliveries updated.
 async fn write_batch(pool: &Pool, endpoint: &Endpoint, outcomes: &[&Outcome]) -> Result<Vec<i64>, db::DbError> {
     let mut client = pool.get().await.map_err(db::DbError::Checkout)?;
-    let transaction = client.transaction().await?;
-
-    // The commit need not wait for its WAL flush. If the server crashes
-    // before the flush, these deliveries are sent again after their lease,
-    // with the same webhook ids: at least once still holds. The dispatcher's
-    // next claim commits synchronously and flushes this commit with it.
-    transaction.batch_execute("set local synchronous_commit = off").await?;
 
     let mut ids = Vec::with_capacity(outcomes.len());
     let mut attempts = Vec::with_capacity(outcomes.len());
@@ -187,46 +218,37 @@ async fn write_batch(pool: &Pool, endpoint: &Endpoint, outcomes: &[&Outcome]) ->
         attempts_used.push(used);
     }
 
-    let statement = transaction
-        .prepare_cached(
-            "with outcome as (
-                 select * from unnest($1::bigint[], $2::int[], $3::timestamptz[], $4::int[], $5::float8[],
-                                      $6::text[], $7::text[], $8::text[], $9::float8[], $10::int[])
-                     as outcome (delivery_id, attempt, started_at, status_code, latency_ms,
-                                 error, response_body, status, delay_ms, attempts_used)
-             ), recorded as (
-                 insert into gancho.attempt (delivery_id, attempt, started_at, status_code, latency_ms, error, response_body)
-                 select delivery_id, attempt, started_at, status_code, latency_ms, error, response_body from outcome
-             )
-             update gancho.delivery d
-             set status = o.status,
-                 next_attempt_at = now() + o.delay_ms * interval '1 millisecond',
-                 lease_until = null,
-                 attempts = o.attempts_used,
-                 finished_at = case when o.status = 'pending' then null else now() end,
-                 last_error = o.error
-             from outcome o
-             where d.id = o.delivery_id and d.attempts = o.attempt
-             returning d.id",
-        )
-        .await?;
-    let rows = transaction
-        .query(
-            &statement,
-            &[
-                &ids,
-                &attempts,
-                &started,
-                &status_codes,
-                &latencies,
-                &errors,
-                &bodies,
-                &statuses,
-                &delays,
-                &attempts_used,
-            ],
-        )
-        .await?;
+    // The pool's sessions do not wait for the WAL flush. If the server
+    // crashes before it, these deliveries are sent again after their lease,
+    // with the same webhook ids: at least once still holds.
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 10] = [
+        &ids,
+        &attempts,
+        &started,
+        &status_codes,
+        &latencies,
+        &errors,
+        &bodies,
+        &statuses,
+        &delays,
+        &attempts_used,
+    ];
+
+    // The common case, a batch of successes, is one statement: the endpoint's
+    // health is reset in it too, which changes no row when it was healthy.
+    if outcomes.iter().all(|outcome| outcome.verdict == Verdict::Delivered) {
+        let statement = client
+            .prepare_cached(&format!("{RECORD_SQL}{HEALTHY_SQL}{UPDATE_SQL}"))
+            .await?;
+        let mut all_params = params.to_vec();
+        all_params.push(&endpoint.name);
+        let rows = client.query(&statement, &all_params).await?;
+        return Ok(rows.iter().map(|row| row.get(0)).collect());
+    }
+
+    let transaction = client.transaction().await?;
+    let statement = transaction.prepare_cached(&format!("{RECORD_SQL}{UPDATE_SQL}")).await?;
+    let rows = transaction.query(&statement, &params).await?;
     let updated: Vec<i64> = rows.iter().map(|row| row.get(0)).collect();
 
     record_health(&transaction, endpoint, outcomes).await?;

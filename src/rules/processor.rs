@@ -91,14 +91,13 @@ impl Processor {
             });
         }
         let timeout_ms = self.config.sidecar.enrich_timeout.as_millis();
-        // The commit need not wait for its WAL flush: before any delivery of
-        // this batch is sent, the dispatcher's claim commits synchronously,
-        // which flushes this earlier commit too. A server crash before that
-        // loses the batch's events, which are then made again from the
-        // outbox rows, and nothing had been sent with their webhook ids.
+        // The pool's sessions commit asynchronously, but this commit waits
+        // for the WAL flush: once a delivery can be claimed and sent, its
+        // webhook id must survive a server crash. One flush per batch of
+        // changes costs little.
         transaction
             .batch_execute(&format!(
-                "set local statement_timeout = {timeout_ms}; set local synchronous_commit = off"
+                "set local statement_timeout = {timeout_ms}; set local synchronous_commit = on"
             ))
             .await?;
 
