@@ -32,7 +32,7 @@ pub struct Sizes {
     pub backlog_chunk: i64,
     pub latency_duration: Duration,
     pub isolation_endpoints: usize,
-    /// Changes per second of the isolation scenario's latency phase.
+    /// The maximum changes per second of the isolation scenario's latency phase.
     pub isolation_rate: f64,
     /// Delay of the isolation scenario's slow endpoint.
     pub slow_delay: Duration,
@@ -263,7 +263,8 @@ pub async fn launch(bench: &Bench, setup: SystemSetup) -> anyhow::Result<Running
                 "--config".to_string(),
                 setup.config.display().to_string(),
             ];
-            let process = Measured::spawn("gancho run", &bench.gancho, &args, &[("GANCHO_LOG", "info")], &log)?;
+            // gancho logs at its default level, as in production.
+            let process = Measured::spawn("gancho run", &bench.gancho, &args, &[("GANCHO_LOG", None)], &log)?;
             (process, "gancho-listener")
         }
         System::Naive => {

@@ -1,8 +1,8 @@
 //! gancho-bench: the benchmark suite of gancho. It measures the capture
 //! triggers' cost to the shop's writes, end-to-end throughput, the drain of
 //! a backlog, commit-to-arrival latency, memory, and isolation from a slow
-//! endpoint, for gancho and for the naive NOTIFY baseline side by side, and
-//! prints a Markdown table per scenario.
+//! endpoint. Each scenario runs gancho and the naive NOTIFY baseline side by
+//! side and prints a Markdown table.
 //!
 //! Run it from the repository root:
 //!
@@ -268,7 +268,9 @@ async fn run_scenarios(
     let environment = print_header(bench, label).await?;
     let mut durations = Map::new();
     let mut scenario_results = Map::new();
+    let competing = watch_competing_processes();
     for scenario in scenarios {
+        competing.lock().expect("competing process lock").clear();
         let started = Instant::now();
         let result = match scenario {
             Scenario::Capture => scenarios::capture::run(bench).await,
@@ -281,8 +283,27 @@ async fn run_scenarios(
         .with_context(|| format!("the {} scenario failed", scenario.name()))?;
         let elapsed = started.elapsed();
         println!("{} took {}.", scenario.name(), format_elapsed(elapsed));
+        let seen: Vec<String> = competing
+            .lock()
+            .expect("competing process lock")
+            .iter()
+            .map(|(pid, command)| format!("{pid} {command}"))
+            .collect();
+        if !seen.is_empty() {
+            println!(
+                "WARNING: processes of another benchmark or gancho ran during this scenario and competed for \
+                 the CPU, so its figures are not reliable:"
+            );
+            for line in &seen {
+                println!("- {line}");
+            }
+        }
         println!();
         durations.insert(scenario.name().to_string(), json!(elapsed.as_secs_f64()));
+        let mut result = result;
+        if let Value::Object(fields) = &mut result {
+            fields.insert("competing_processes".to_string(), json!(seen));
+        }
         scenario_results.insert(scenario.name().to_string(), result);
 
         // Written after each scenario, so a later failure keeps the earlier results.
@@ -317,6 +338,16 @@ async fn print_header(bench: &Bench, label: &str) -> anyhow::Result<Value> {
     println!("# gancho-bench {label}{mode}");
     println!();
     println!("- date: {date}");
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let load: Vec<&str> = load.split_whitespace().take(3).collect();
+    println!("- load average at start (1, 5, 15 min): {}", load.join(", "));
+    let competing = process::competing_processes();
+    if !competing.is_empty() {
+        println!("- WARNING: other processes that compete for the CPU are running:");
+        for (pid, command) in &competing {
+            println!("  - {pid} {command}");
+        }
+    }
     let machine_text: Vec<String> = machine.iter().map(|(name, value)| format!("{name} {value}")).collect();
     println!("- machine: {}", machine_text.join(", "));
     println!("- Postgres: {version}");
@@ -376,6 +407,22 @@ async fn print_header(bench: &Bench, label: &str) -> anyhow::Result<Value> {
         "batch": sizes.batch,
         "flow_window_webhooks": sizes.flow_window,
     }))
+}
+
+/// Scans for competing processes every second, for as long as the runtime
+/// runs, and collects them by pid. Figures measured while another benchmark
+/// ran on the same cores are not comparable, so each scenario reports them.
+fn watch_competing_processes() -> std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<i32, String>>> {
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(std::collections::BTreeMap::new()));
+    let task_seen = std::sync::Arc::clone(&seen);
+    tokio::spawn(async move {
+        loop {
+            let found = process::competing_processes();
+            task_seen.lock().expect("competing process lock").extend(found);
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    });
+    seen
 }
 
 pub fn format_elapsed(elapsed: Duration) -> String {

@@ -51,7 +51,7 @@ pub async fn run_listener(args: NaiveArgs) -> anyhow::Result<()> {
     let (client, mut connection) = config.connect(NoTls).await.context("connecting to the database")?;
 
     // The connection task reads every notification as soon as it arrives and
-    // queues it here, so Postgres's notification queue never fills; a slow
+    // queues it here, so Postgres's notification queue never fills. A slow
     // endpoint makes this queue, and the process's memory, grow instead.
     let (sender, mut notifications) = tokio::sync::mpsc::unbounded_channel::<String>();
     let mut messages = futures_util::stream::poll_fn(move |context| connection.poll_message(context));

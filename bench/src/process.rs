@@ -36,7 +36,55 @@ pub fn find_gancho(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
             path.display()
         );
     }
+    if explicit.is_none() {
+        warn_if_stale(&path);
+    }
     Ok(path)
+}
+
+/// Warns when a file of gancho's src/ or sql/ folder is newer than the
+/// binary. `cargo run -p gancho-bench` rebuilds the gancho library that this
+/// executable links, but not the gancho binary that it measures.
+fn warn_if_stale(binary: &Path) {
+    let Ok(built) = std::fs::metadata(binary).and_then(|metadata| metadata.modified()) else {
+        return;
+    };
+    let repository = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let newer = ["src", "sql"]
+        .iter()
+        .filter_map(|folder| newest_file(&repository.join(folder)))
+        .filter(|(_, modified)| *modified > built)
+        .max_by_key(|(_, modified)| *modified);
+    if let Some((file, _)) = newer {
+        eprintln!(
+            "warning: {} is newer than {}; run `cargo build --release` to measure the current sources",
+            file.display(),
+            binary.display()
+        );
+    }
+}
+
+/// Returns the most recently modified file under a folder, with its time.
+fn newest_file(folder: &Path) -> Option<(PathBuf, std::time::SystemTime)> {
+    let mut newest: Option<(PathBuf, std::time::SystemTime)> = None;
+    for entry in std::fs::read_dir(folder).ok()?.filter_map(|entry| entry.ok()) {
+        let path = entry.path();
+        let candidate = if path.is_dir() {
+            newest_file(&path)
+        } else {
+            entry
+                .metadata()
+                .and_then(|metadata| metadata.modified())
+                .ok()
+                .map(|time| (path, time))
+        };
+        if let Some((path, time)) = candidate
+            && newest.as_ref().is_none_or(|(_, best)| time > *best)
+        {
+            newest = Some((path, time));
+        }
+    }
+    newest
 }
 
 /// Runs `gancho VERB --config FILE` to completion, failing with its output when it fails.
@@ -79,12 +127,14 @@ pub struct Measured {
 }
 
 impl Measured {
-    /// Starts `program args`, with stdout and stderr appended to `log`.
+    /// Starts `program args`, with stdout and stderr appended to `log`. Each
+    /// entry of `envs` sets an environment variable, or removes it when its
+    /// value is None.
     pub fn spawn(
         name: &str,
         program: &Path,
         args: &[String],
-        envs: &[(&str, &str)],
+        envs: &[(&str, Option<&str>)],
         log: &Path,
     ) -> anyhow::Result<Measured> {
         let log_file = std::fs::OpenOptions::new()
@@ -101,15 +151,18 @@ impl Measured {
             .stderr(log_file)
             .kill_on_drop(true);
         for (name, value) in envs {
-            command.env(name, value);
+            match value {
+                Some(value) => command.env(name, value),
+                None => command.env_remove(name),
+            };
         }
 
         // A child outlives a benchmark that panics or is interrupted unless
         // the kernel stops it. The signal follows the thread that spawned the
         // child, so children are spawned only from the main thread and
-        // tokio's worker threads, which live as long as the runtime (the
-        // benchmark never calls block_in_place, which would hand a worker
-        // thread to the blocking pool, whose threads exit when idle).
+        // tokio's worker threads, which live as long as the runtime. The
+        // benchmark never calls block_in_place, because that would hand a
+        // worker thread to the blocking pool, whose threads exit when idle.
         unsafe {
             command.pre_exec(|| {
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
@@ -122,6 +175,7 @@ impl Measured {
             .spawn()
             .with_context(|| format!("starting {}", program.display()))?;
         let pid = child.id().context("the child has no pid")? as i32;
+        eprintln!("started {name} (pid {pid}, log {})", log.display());
         Ok(Measured {
             name: name.to_string(),
             child,
@@ -151,6 +205,7 @@ impl Measured {
             self.monitor.stop();
             bail!("{} had already exited with {status}; {}", self.name, self.log_tail());
         }
+        eprintln!("stopping {} (pid {}) with SIGTERM", self.name, self.pid);
         unsafe {
             libc::kill(self.pid, libc::SIGTERM);
         }
@@ -321,4 +376,69 @@ pub fn busy_share(before: (u64, u64), after: (u64, u64)) -> f64 {
         return 0.0;
     }
     after.0.saturating_sub(before.0) as f64 / total as f64
+}
+
+/// Program names of processes that compete with a benchmark for the CPU and
+/// disk when they are not the benchmark's own: another benchmark run, a
+/// gancho sidecar, pgbench.
+const COMPETING_PROGRAMS: &[&str] = &["gancho", "gancho-bench", "pgbench"];
+
+/// Lists the processes named in [`COMPETING_PROGRAMS`] that do not descend
+/// from this process, as (pid, program and first argument). The rest of a
+/// command line is left out because it can contain secrets.
+pub fn competing_processes() -> Vec<(i32, String)> {
+    let own = std::process::id() as i32;
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut parents = std::collections::HashMap::new();
+    let mut candidates = Vec::new();
+    for entry in entries.filter_map(|entry| entry.ok()) {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // The name is in parentheses in field 2; the parent pid is field 4.
+        let Some((head, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let name = head.split_once('(').map(|(_, name)| name).unwrap_or_default();
+        let parent = rest
+            .split_whitespace()
+            .nth(1)
+            .and_then(|value| value.parse::<i32>().ok())
+            .unwrap_or(0);
+        parents.insert(pid, parent);
+        if COMPETING_PROGRAMS.contains(&name) {
+            candidates.push(pid);
+        }
+    }
+    let descends_from_own = |mut pid: i32| {
+        // Bounded, in case the table changed while it was read.
+        for _ in 0..64 {
+            if pid == own {
+                return true;
+            }
+            match parents.get(&pid) {
+                Some(parent) if *parent > 0 => pid = *parent,
+                _ => return false,
+            }
+        }
+        false
+    };
+    candidates
+        .into_iter()
+        .filter(|pid| !descends_from_own(*pid))
+        .map(|pid| {
+            let command = std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|bytes| {
+                    let text = String::from_utf8_lossy(&bytes).into_owned();
+                    text.split('\0').take(2).collect::<Vec<_>>().join(" ")
+                })
+                .unwrap_or_default();
+            (pid, command)
+        })
+        .collect()
 }

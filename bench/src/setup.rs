@@ -232,9 +232,11 @@ pub async fn create_tables(client: &Client, stock_rows: i64) -> anyhow::Result<(
     Ok(())
 }
 
-/// Leaves the workload tables with exactly one system's triggers, and an
-/// empty gancho schema when that system is gancho: uninstalls gancho,
-/// drops the naive triggers, then installs the requested ones.
+/// Leaves the workload tables with exactly one system's triggers, an empty
+/// bench_orders, and an empty gancho schema when that system is gancho:
+/// uninstalls gancho, drops the naive triggers, truncates bench_orders, then
+/// installs the requested triggers. The truncation comes first because
+/// gancho records a TRUNCATE as a change of its own.
 pub async fn set_triggers(client: &Client, gancho: &Path, config: &Path, triggers: Triggers) -> anyhow::Result<()> {
     let installed: bool = client
         .query_one(
@@ -250,7 +252,8 @@ pub async fn set_triggers(client: &Client, gancho: &Path, config: &Path, trigger
         .batch_execute(
             "drop trigger if exists bench_naive on bench_stock;
              drop trigger if exists bench_naive on bench_orders;
-             drop function if exists bench_naive_notify();",
+             drop function if exists bench_naive_notify();
+             truncate bench_orders;",
         )
         .await?;
     match triggers {
@@ -261,14 +264,13 @@ pub async fn set_triggers(client: &Client, gancho: &Path, config: &Path, trigger
     Ok(())
 }
 
-/// Brings the tables to a comparable state before a measured run: empties
-/// bench_orders, vacuums bench_stock, and writes a checkpoint so that every
-/// run starts with the same full-page-write cost.
+/// Brings the tables to a comparable state before a measured run: vacuums
+/// them, and writes a checkpoint so that every run starts with the same
+/// full-page-write cost.
 pub async fn reset_between_runs(client: &Client) -> anyhow::Result<()> {
     // One statement per call: a multi-statement string runs as one
     // transaction, and VACUUM cannot run inside one.
     for statement in [
-        "truncate bench_orders",
         "vacuum analyze bench_stock",
         "vacuum analyze bench_orders",
         "checkpoint",

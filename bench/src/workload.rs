@@ -76,8 +76,8 @@ pub fn commit_time(commits: &[Committed], seq: i64) -> Option<Instant> {
     (seq < commit.first_seq + commit.count).then_some(commit.at)
 }
 
-/// How a saturating writer keeps the backlog bounded: it pauses while the
-/// webhooks written but not yet received exceed `window`.
+/// The bound that keeps a saturating writer's backlog finite: the writer
+/// pauses while the webhooks written but not yet received exceed `window`.
 pub struct FlowControl {
     /// The endpoints that receive every change and whose progress counts,
     /// with their request counts when the writers started.
@@ -157,7 +157,7 @@ pub async fn run_saturating(
     Ok(())
 }
 
-/// What an open-loop writer achieved.
+/// The changes an open-loop writer made, and how many started late.
 #[derive(Debug, Clone, Copy)]
 pub struct OpenLoopResult {
     pub changes: u64,
@@ -167,7 +167,7 @@ pub struct OpenLoopResult {
     pub late: u64,
 }
 
-/// An open-loop writer: one single-row change per transaction, scheduled at
+/// Writes open-loop: one single-row change per transaction, scheduled at
 /// `rate` per second for `duration`, whatever the commits take. The changes
 /// are spread over `connections` connections, so a slow commit delays only
 /// its own connection.

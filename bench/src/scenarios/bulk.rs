@@ -20,7 +20,7 @@ pub async fn run(bench: &Bench) -> anyhow::Result<Value> {
         "`update bench_stock set count_on_hand = count_on_hand + 1` in one statement, timed from the client \
          until it returned (autocommit, so the commit is included); {} runs per mode, alternating between the \
          modes, each after installing the mode's triggers anew, a vacuum and a CHECKPOINT. The gancho sidecar is \
-         not running and nobody listens to the naive trigger's notifications.",
+         not running and no session listens to the naive trigger's notifications.",
         sizes.bulk_repeats
     );
 

@@ -29,8 +29,8 @@ pub async fn run(bench: &Bench) -> anyhow::Result<Value> {
         "Each pgbench transaction updates one random bench_stock row and inserts one bench_orders row:\n\
          `{} -n -f SCRIPT -c C -j min(C,2) -T {}`. Modes: no trigger; gancho's triggers from `gancho install` \
          with the sidecar stopped, so the outbox only grows; the naive trigger with no listener. Before each run \
-         the benchmark installs that mode's triggers (gancho's anew, so the outbox starts empty), truncates \
-         bench_orders, vacuums both tables and runs CHECKPOINT. Runs alternate between the modes for each \
+         the benchmark truncates bench_orders, installs that mode's triggers (gancho's anew, so the outbox starts \
+         empty), vacuums both tables and runs CHECKPOINT. Runs alternate between the modes for each \
          client count, so a slow drift of the machine affects all three alike.",
         pgbench.display(),
         sizes.capture_seconds
