@@ -145,8 +145,8 @@ create sequence if not exists gancho.doorbell minvalue 0 maxvalue 1 start 0 no c
 -- the columns that are not key, as gancho.watch() found them at install time.
 --
 -- It reads the row through to_jsonb() and removes the other columns with the
--- jsonb "-" operator, instead of naming columns, so a column renamed or
--- dropped after install yields no value instead of an error, and the shop's
+-- jsonb "-" operator instead of naming columns. A column renamed or dropped
+-- after install then yields no value instead of an error, and the shop's
 -- write goes on. A column added after install is recorded too until the next
 -- install; the sidecar drops it. It runs as its owner (security definer), so
 -- the shop's roles need no privilege on the gancho schema.

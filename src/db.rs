@@ -95,11 +95,11 @@ pub fn connect_error(config: &tokio_postgres::Config, source: tokio_postgres::Er
     }
 }
 
-/// The sidecar's connection pool. Its sessions commit without waiting for
-/// the WAL flush (`synchronous_commit = off`): a claim or an attempt record
-/// lost in a server crash only means the delivery is sent again, with the
-/// same webhook id, since the processor commits its events and deliveries
-/// synchronously before any of them can be claimed.
+/// Builds the sidecar's connection pool. Its sessions commit without waiting
+/// for the WAL flush (`synchronous_commit = off`). A claim or an attempt
+/// record lost in a server crash only means that the delivery is sent again
+/// with the same webhook id, because the processor commits events and
+/// deliveries synchronously before any of them can be claimed.
 pub fn pool(config: &tokio_postgres::Config, size: usize) -> Result<Pool, DbError> {
     let mut config = config.clone();
     let options = format!("{} -c synchronous_commit=off", config.get_options().unwrap_or_default());

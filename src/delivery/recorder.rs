@@ -1,11 +1,11 @@
 //! The recorder of one endpoint: writes the outcome of each attempt, batching
 //! the attempts that finish while the previous batch is being written.
 //!
-//! Each attempt waits until its outcome is written before it ends, so the
-//! dispatcher's request slots and a row's ordering hold exactly as if every
-//! attempt wrote its own. Writing the attempts of a batch in one statement and
-//! one commit lets a busy endpoint record thousands of attempts per second
-//! where one commit per attempt would queue on the WAL flush.
+//! Writing a batch in one statement and one commit lets a busy endpoint record
+//! thousands of attempts per second, where one commit per attempt would queue
+//! on the database. An attempt's delivery stays pending, and so holds back the
+//! next delivery of its row on an ordered endpoint, until its outcome is
+//! committed here.
 
 use std::time::Duration;
 
@@ -19,7 +19,7 @@ use super::send::{AttemptResult, ClaimedDelivery};
 use crate::config::Endpoint;
 use crate::db;
 
-/// The most attempts written in one statement.
+/// The maximum number of attempts written in one statement.
 const MAX_BATCH: usize = 512;
 
 /// The outcome of an attempt for its delivery.
@@ -80,8 +80,8 @@ impl Outcome {
         }
     }
 
-    /// The delivery's new status, the delay before its next attempt, and the
-    /// attempts it has used.
+    /// Returns the delivery's new status, the delay before its next attempt,
+    /// and the attempts it has used.
     fn next_state(&self) -> (&'static str, Duration, i32) {
         match self.verdict {
             Verdict::Delivered => ("delivered", Duration::ZERO, self.attempt),
@@ -93,8 +93,8 @@ impl Outcome {
     }
 }
 
-/// What happened to one outcome: whether the delivery was updated (false when
-/// another sidecar took the lease over), or why nothing was written.
+/// The result of writing one outcome: whether the delivery was updated (false
+/// when another sidecar took the lease over), or why nothing was written.
 pub type Recorded = Result<bool, String>;
 
 type Request = (Outcome, oneshot::Sender<Recorded>);

@@ -69,8 +69,8 @@ impl Processor {
         &self,
         client: &mut deadpool_postgres::Client,
     ) -> Result<BatchOutcome, tokio_postgres::Error> {
-        // Most looks at an idle outbox find nothing: one index probe answers
-        // that without a transaction and a lock.
+        // Most looks at an idle outbox find nothing, and one index probe
+        // finds that out without a transaction and a lock.
         let probe = client
             .prepare_cached("select 1 from gancho.outbox where processed_at is null limit 1")
             .await?;

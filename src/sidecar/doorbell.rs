@@ -1,4 +1,4 @@
-//! The doorbell: tells the capture trigger whether a NOTIFY is wanted.
+//! The doorbell: a flag that the capture trigger reads to decide whether to NOTIFY.
 //!
 //! A transaction that issues NOTIFY holds a cluster-wide lock from its commit
 //! until the commit is on disk, so notifying writers commit one at a time
@@ -54,8 +54,8 @@ pub async fn still_running(client: &Client, transactions: &[i64]) -> Result<Vec<
     Ok(row.get(0))
 }
 
-/// The wait before the next look at transactions that were in progress when
-/// the doorbell was set: short at first, since most shop transactions end
+/// Returns the wait before the next look at transactions that were in
+/// progress when the doorbell was set: short at first, since most shop transactions end
 /// within milliseconds, then doubling up to `max`, for the rare long one.
 pub fn next_check_delay(previous: Option<Duration>, max: Duration) -> Duration {
     match previous {

@@ -156,9 +156,8 @@ async fn warn_about_install_drift(client: &tokio_postgres::Client, config: &Conf
 }
 
 /// Processes the outbox whenever woken, and every poll interval in case a
-/// notification was missed. Before it waits it rings the doorbell, and
-/// looks at the outbox again as the transactions that might have missed the
-/// doorbell end.
+/// notification was missed. Before it waits it sets the doorbell, and looks
+/// at the outbox again as the transactions that may have read it too early end.
 async fn process_loop(
     config: Arc<Config>,
     pool: deadpool_postgres::Pool,
