@@ -121,7 +121,7 @@ impl Dispatcher {
                     .await
                     .map(|(slots, _)| slots)
                     .unwrap_or(0);
-                if allowed == 0 && !queue.is_empty() {
+                if allowed <= 1 && !queue.is_empty() {
                     let ids: Vec<i64> = queue.drain(..).map(|delivery| delivery.id).collect();
                     self.release(&ids).await;
                 }
@@ -164,9 +164,9 @@ impl Dispatcher {
                     0
                 }
             };
-            if allowed == 0 && !queue.is_empty() {
-                // A pause can outlast the leases, so let the waiting
-                // deliveries go instead of holding them.
+            if allowed <= 1 && !queue.is_empty() {
+                // A pause can outlast the leases, and a probe is one fresh
+                // claim, so let the waiting deliveries go instead of holding them.
                 let ids: Vec<i64> = queue.drain(..).map(|delivery| delivery.id).collect();
                 self.release(&ids).await;
             }
