@@ -220,10 +220,23 @@ async fn process_loop(
         // this loop drains, more rings would only slow the writers down.
         tokio::select! {
             biased;
-            _ = shutdown.cancelled() => return,
+            _ = shutdown.cancelled() => break,
             _ = wake.notified() => woken = true,
             _ = tokio::time::sleep(wait) => woken = false,
         }
+    }
+
+    // With no sidecar waiting, a NOTIFY would only make the shop's writers
+    // queue on the notify lock. Another sidecar that still waits sets the
+    // doorbell again after its next look at the outbox, at most a poll
+    // interval later. A sidecar killed outright leaves the doorbell as it
+    // was until a sidecar runs again.
+    let disarmed = async {
+        let client = pool.get().await.map_err(DbError::Checkout)?;
+        doorbell::disarm(&client).await.map_err(DbError::Query)
+    };
+    if let Err(error) = disarmed.await {
+        tracing::warn!(error = %error_chain(&error), "could not reset the doorbell; shop transactions notify until a sidecar runs");
     }
 }
 

@@ -418,7 +418,8 @@ async fn trigger_notifies_only_when_doorbell_set() {
     let rang = tokio::time::timeout(Duration::from_secs(5), notifications.recv()).await;
     assert_eq!(rang.ok().flatten().as_deref(), Some("gancho"));
 
-    // A sidecar sets the doorbell to 0 while it works and to 1 when it waits.
+    // A sidecar sets the doorbell to 0 while it works, to 1 when it waits,
+    // and to 0 again when it stops.
     db.execute("select setval('gancho.doorbell', 0)").await;
     let sidecar = start_sidecar(config);
     let received = receiver.wait_for(2, Duration::from_secs(20)).await;
@@ -427,6 +428,7 @@ async fn trigger_notifies_only_when_doorbell_set() {
     drop(listener);
 
     assert_eq!(received.len(), 2);
+    assert_eq!(doorbell(&db).await, 0, "a stopped sidecar wants no NOTIFY");
 }
 
 #[tokio::test]
