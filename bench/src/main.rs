@@ -332,7 +332,11 @@ async fn print_header(bench: &Bench, label: &str) -> anyhow::Result<Value> {
         format!("an existing server, database {}", bench.database.name)
     };
     let sizes = &bench.sizes;
-    let mode = if bench.smoke { " --smoke (tiny sizes)" } else { "" };
+    let mode = if bench.smoke {
+        " --smoke (tiny sizes, to check that the suite works: its figures mean nothing)"
+    } else {
+        ""
+    };
     let date = chrono::Utc::now().format("%Y-%m-%d %H:%M UTC");
 
     println!("# gancho-bench {label}{mode}");

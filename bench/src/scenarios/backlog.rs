@@ -35,13 +35,14 @@ pub async fn run(bench: &Bench) -> anyhow::Result<Value> {
         "The system starts, idles for {} s (RSS idle), and stops. One connection then writes {} changes, \
          each transaction one UPDATE of {} bench_stock rows, and the system starts again. The drain time runs \
          from that start to the last verified arrival at the single endpoint. RSS is sampled every 100 ms; the \
-         series shows it at {} evenly spaced points of the drain. The naive listener gets {} s after its start: \
+         series shows it at {} evenly spaced points of the drain, from the restart (a process just started, \
+         before it has loaded anything) to the last arrival. The naive listener gets {} s after its start: \
          Postgres delivers a notification only to sessions that were listening when it was committed, so a \
          naive listener that was down misses the whole backlog.",
         IDLE_SETTLE.as_secs(),
         thousands(changes as u64),
         thousands(sizes.backlog_chunk.min(sizes.stock_rows) as u64),
-        SERIES_POINTS,
+        SERIES_POINTS + 1,
         NAIVE_GRACE.as_secs(),
     );
 
@@ -148,7 +149,7 @@ pub async fn run(bench: &Bench) -> anyhow::Result<Value> {
         ]);
         let series_text: Vec<String> = series
             .iter()
-            .map(|(offset, kb)| format!("{:.0} s: {:.1}", offset.as_secs_f64(), *kb as f64 / 1024.0))
+            .map(|(offset, kb)| format!("{:.1} s: {:.1}", offset.as_secs_f64(), *kb as f64 / 1024.0))
             .collect();
         if system == System::Gancho {
             series_lines.push(format!(
