@@ -65,7 +65,7 @@ impl Sizes {
             flow_window: 20_000,
             writers: 2,
             batch: 200,
-            open_loop_connections: 8,
+            open_loop_connections: 32,
             stall_timeout: Duration::from_secs(60),
         }
     }
