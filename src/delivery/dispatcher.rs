@@ -137,11 +137,16 @@ impl Dispatcher {
             // Claim in batches of at least a quarter of the slots, so a busy
             // endpoint makes one query per batch instead of one per request.
             let mut wait = self.settings.poll_interval;
-            // Attempts whose outcome is not yet written count too, so that no
-            // more than two batches are sent and unrecorded at once: a crash or
-            // a lost connection sends those again.
-            let outstanding = in_flight.len() + queue.len();
-            let room = (2 * max_in_flight).saturating_sub(outstanding);
+            // Attempts sent but not yet recorded are bounded too, to four
+            // times the slots: a crash or a lost connection sends them again.
+            let requests = max_in_flight - semaphore.available_permits();
+            let unrecorded = in_flight.len().saturating_sub(requests);
+            let outstanding = requests + queue.len();
+            let room = if unrecorded >= 4 * max_in_flight {
+                0
+            } else {
+                (2 * max_in_flight).saturating_sub(outstanding)
+            };
             let min_claim = (max_in_flight / 4).max(1);
             if !in_flight.is_empty() && (room < min_claim || queue.len() >= max_in_flight) {
                 tokio::select! {
