@@ -121,9 +121,8 @@ impl Dispatcher {
                     .await
                     .map(|(slots, _)| slots)
                     .unwrap_or(0);
-                if allowed <= 1 && !queue.is_empty() {
-                    let ids: Vec<i64> = queue.drain(..).map(|delivery| delivery.id).collect();
-                    self.release(&ids).await;
+                if allowed <= 1 {
+                    self.release_queue(&mut queue).await;
                 }
             }
             while !queue.is_empty() && max_in_flight - semaphore.available_permits() < allowed {
@@ -171,11 +170,8 @@ impl Dispatcher {
                     0
                 }
             };
-            if allowed <= 1 && !queue.is_empty() {
-                // A pause can outlast the leases, and a probe is one fresh
-                // claim, so let the waiting deliveries go instead of holding them.
-                let ids: Vec<i64> = queue.drain(..).map(|delivery| delivery.id).collect();
-                self.release(&ids).await;
+            if allowed <= 1 {
+                self.release_queue(&mut queue).await;
             }
             let limit = match allowed {
                 0 => 0,
@@ -238,6 +234,14 @@ impl Dispatcher {
 
         let leftover: Vec<i64> = self.claimed.lock().expect("claimed set lock").drain().collect();
         self.release(&leftover).await;
+    }
+
+    /// Releases the claimed deliveries that wait for a slot. A pause can
+    /// outlast their leases, and a probe is one fresh claim, so holding them
+    /// would only delay them.
+    async fn release_queue(&self, queue: &mut VecDeque<ClaimedDelivery>) {
+        let ids: Vec<i64> = queue.drain(..).map(|delivery| delivery.id).collect();
+        self.release(&ids).await;
     }
 
     /// Gives claimed deliveries that were not sent back, undoing their claim,
