@@ -202,8 +202,8 @@ impl TempCluster {
                     return;
                 }
             };
-            // Wait for a stop request (or for the owner to be dropped, which
-            // asks for a fast shutdown), then signal the server and wait.
+            // Wait for a stop request, then signal the server and wait. A
+            // dropped owner means a fast shutdown.
             let signal = stop_requested.recv().unwrap_or(libc::SIGINT);
             unsafe {
                 libc::kill(child.id() as i32, signal);

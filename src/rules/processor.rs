@@ -197,7 +197,7 @@ impl Processor {
     }
 
     /// Keeps exactly the source's configured key and columns in a change. The
-    /// trigger records every column but those it was told to leave out at
+    /// trigger records every column except those `gancho.watch()` listed at
     /// install time, so a column added since then shows up until the next
     /// install, and a dropped or renamed one is missing. Here the first is
     /// removed and the second becomes null, so payloads and rule state keep

@@ -382,7 +382,7 @@ kind = "change"
 event = "note.changed"
 "#;
 
-/// The doorbell's value, 1 while a sidecar waits for a NOTIFY.
+/// Reads the doorbell, which is 1 while a sidecar waits for a NOTIFY.
 async fn doorbell(db: &TestDb) -> i64 {
     db.count("select last_value from gancho.doorbell").await
 }

@@ -350,10 +350,10 @@ async fn postgres_crash_keeps_webhook_ids() {
     drop(installer);
     let sidecar = start_sidecar(config);
 
-    // One committed transaction, and no other synchronous commit after it:
-    // from here on only gancho's own commits move the WAL forward, so a
-    // delivery sent before its event was flushed would be lost in the crash
-    // and made again under a new webhook-id.
+    // One committed transaction, and no other writer after it, so only
+    // gancho's own commits move the WAL forward. A delivery sent before its
+    // event was flushed would be lost in the crash and made again under a
+    // new webhook-id.
     const ORDER_COUNT: i32 = 1500;
     let writer = connect(&url).await;
     writer

@@ -77,8 +77,8 @@ pub async fn connect(url: &str) -> tokio_postgres::Client {
     client
 }
 
-/// A connection that LISTENs on `channel`, and the channel names of the
-/// notifications it receives.
+/// Opens a connection that LISTENs on `channel`, and returns it with the
+/// channel names of the notifications it receives.
 pub async fn listen(
     url: &str,
     channel: &str,
