@@ -140,9 +140,12 @@ create index if not exists attempt_delivery on gancho.attempt (delivery_id);
 -- progress when it set 1 (see src/sidecar/doorbell.rs).
 create sequence if not exists gancho.doorbell minvalue 0 maxvalue 1 start 0 no cycle;
 
--- The trigger function shared by every watched table. Arguments: source name,
--- key columns, captured columns, and the columns that are not captured and
--- the columns that are not key, as gancho.watch() found them at install time.
+-- The row-level trigger function, fired once per changed row. gancho.watch()
+-- uses it on partitions, partitioned tables and inheritance trees, and for
+-- TRUNCATE on every table; plain tables get gancho.capture_statement() below.
+-- Arguments: source name, key columns, captured columns, and the columns that
+-- are not captured and the columns that are not key, as gancho.watch() found
+-- them at install time.
 --
 -- It reads the row through to_jsonb() and removes the other columns with the
 -- jsonb "-" operator instead of naming columns. A column renamed or dropped
@@ -216,8 +219,66 @@ begin
 
     -- Read after the insert, so this transaction already has its id when it
     -- reads 0, and a sidecar that sets 1 afterwards waits for it. The payload
-    -- is constant, so Postgres folds the notifications of one transaction into one.
-    if (select last_value from gancho.doorbell) = 1 then
+    -- is constant, so Postgres folds the notifications of one transaction into
+    -- one. pg_sequence_last_value() (the function behind the pg_sequences
+    -- view) costs a fraction of a SELECT on the sequence, which matters once
+    -- per changed row; it returns null until the first setval().
+    if pg_sequence_last_value('gancho.doorbell'::regclass) = 1 then
+        perform pg_notify('gancho', '');
+    end if;
+    return null;
+end
+$$;
+
+-- The statement-level trigger function, used on plain tables. It fires once
+-- per statement and reads the statement's changed rows from its transition
+-- tables (gancho_old and gancho_new), so a statement that changes 100,000 rows
+-- runs one function call and one set-based insert instead of 100,000 of each.
+-- Arguments as for gancho.capture().
+--
+-- Postgres fills the two transition tables of an UPDATE side by side, one
+-- before-image and one after-image per updated row, so the rows at the same
+-- position in each belong together. Pairing by position also holds when the
+-- update changes the key.
+create or replace function gancho.capture_statement() returns trigger
+language plpgsql
+security definer
+set search_path = pg_catalog, pg_temp
+as $$
+declare
+    not_captured text[] := TG_ARGV[3];
+    not_key text[] := TG_ARGV[4];
+    changed_table text := TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME;
+begin
+    if current_setting('gancho.skip', true) = 'on' then
+        return null;
+    end if;
+
+    if TG_OP = 'INSERT' then
+        insert into gancho.outbox (source, table_name, operation, key, new)
+        select TG_ARGV[0], changed_table, 'INSERT', after_image - not_key, after_image - not_captured
+        from (select to_jsonb(inserted) as after_image from gancho_new inserted) captured;
+    elsif TG_OP = 'DELETE' then
+        insert into gancho.outbox (source, table_name, operation, key, old)
+        select TG_ARGV[0], changed_table, 'DELETE', before_image - not_key, before_image - not_captured
+        from (select to_jsonb(deleted) as before_image from gancho_old deleted) captured;
+    else
+        -- An update that changes no captured column and no key records nothing.
+        insert into gancho.outbox (source, table_name, operation, key, old, new)
+        select TG_ARGV[0], changed_table, 'UPDATE', after_image - not_key, old_values, new_values
+        from (
+            select before_image, after_image,
+                   before_image - not_captured as old_values, after_image - not_captured as new_values
+            from unnest(
+                (select array_agg(to_jsonb(deleted)) from gancho_old deleted),
+                (select array_agg(to_jsonb(inserted)) from gancho_new inserted)
+            ) as pairs (before_image, after_image)
+        ) paired
+        where old_values <> new_values or before_image - not_key <> after_image - not_key;
+    end if;
+
+    -- As in gancho.capture(): read after the insert, and only when it wrote.
+    if found and pg_sequence_last_value('gancho.doorbell'::regclass) = 1 then
         perform pg_notify('gancho', '');
     end if;
     return null;
@@ -242,6 +303,9 @@ begin
     target := to_regclass(format('%I.%I', watched_row.table_schema, watched_row.table_name));
     if target is not null then
         execute format('drop trigger if exists %I on %s', 'gancho_' || source_name, target);
+        execute format('drop trigger if exists %I on %s', 'gancho_' || source_name || '_insert', target);
+        execute format('drop trigger if exists %I on %s', 'gancho_' || source_name || '_update', target);
+        execute format('drop trigger if exists %I on %s', 'gancho_' || source_name || '_delete', target);
         execute format('drop trigger if exists %I on %s', 'gancho_' || source_name || '_truncate', target);
     end if;
 
@@ -267,6 +331,9 @@ declare
     not_key text[];
     schema_name text;
     relation_name text;
+    per_statement boolean;
+    triggers text[];
+    suffix text;
 begin
     if source_name !~ '^[a-z0-9_-]{1,50}$' then
         raise exception 'invalid gancho source name "%"', source_name
@@ -304,15 +371,44 @@ begin
 
     perform gancho.unwatch(source_name);
 
-    execute format(
-        'create trigger %I after insert or update or delete on %s for each row execute function gancho.capture(%L, %L, %L, %L, %L)',
-        'gancho_' || source_name, target, source_name, key_columns, columns, not_captured, not_key);
+    -- Statement-level triggers see a statement's rows only when the
+    -- statement names this table. A partition also changes through its
+    -- parent, a partitioned table through its partitions, and an inheritance
+    -- child through its parent, so those tables get the row-level trigger,
+    -- which fires wherever the row changes.
+    select c.relkind = 'r' and not c.relispartition
+           and not exists (select 1 from pg_inherits i where i.inhrelid = target or i.inhparent = target)
+    into per_statement
+    from pg_class c
+    where c.oid = target;
+
+    if per_statement then
+        execute format(
+            'create trigger %I after insert on %s referencing new table as gancho_new'
+            ' for each statement execute function gancho.capture_statement(%L, %L, %L, %L, %L)',
+            'gancho_' || source_name || '_insert', target, source_name, key_columns, columns, not_captured, not_key);
+        execute format(
+            'create trigger %I after update on %s referencing old table as gancho_old new table as gancho_new'
+            ' for each statement execute function gancho.capture_statement(%L, %L, %L, %L, %L)',
+            'gancho_' || source_name || '_update', target, source_name, key_columns, columns, not_captured, not_key);
+        execute format(
+            'create trigger %I after delete on %s referencing old table as gancho_old'
+            ' for each statement execute function gancho.capture_statement(%L, %L, %L, %L, %L)',
+            'gancho_' || source_name || '_delete', target, source_name, key_columns, columns, not_captured, not_key);
+        triggers := array['_insert', '_update', '_delete', '_truncate'];
+    else
+        execute format(
+            'create trigger %I after insert or update or delete on %s for each row execute function gancho.capture(%L, %L, %L, %L, %L)',
+            'gancho_' || source_name, target, source_name, key_columns, columns, not_captured, not_key);
+        triggers := array['', '_truncate'];
+    end if;
     execute format(
         'create trigger %I after truncate on %s for each statement execute function gancho.capture(%L, %L, %L)',
         'gancho_' || source_name || '_truncate', target, source_name, key_columns, columns);
     if fire_always then
-        execute format('alter table %s enable always trigger %I', target, 'gancho_' || source_name);
-        execute format('alter table %s enable always trigger %I', target, 'gancho_' || source_name || '_truncate');
+        foreach suffix in array triggers loop
+            execute format('alter table %s enable always trigger %I', target, 'gancho_' || source_name || suffix);
+        end loop;
     end if;
 
     insert into gancho.watched (source, table_schema, table_name, key_columns, columns, fire_always)

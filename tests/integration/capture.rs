@@ -48,10 +48,12 @@ event = "stock.changed"
 
     install(&db, &config).await;
     install(&db, &config).await;
+    // A plain table gets statement-level triggers for insert, update and
+    // delete, and one for truncate.
     assert_eq!(
         db.count("select count(*) from pg_trigger where tgrelid = 'stock'::regclass and not tgisinternal")
             .await,
-        2
+        4
     );
     assert_eq!(
         db.count("select value::bigint from gancho.meta where key = 'schema_version'")
@@ -494,4 +496,120 @@ async fn column_added_after_install_stays_out() {
     assert_eq!(all[0].data()["new"], json!({"body": "hello"}));
     assert_eq!(all[1].data()["old"], json!({"body": "hello"}));
     assert_eq!(all[1].data()["new"], json!({"body": "bye"}));
+}
+
+#[tokio::test]
+async fn bulk_statements_pair_each_row_with_its_own_images() {
+    let db = TestDb::create().await;
+    db.execute("create table stock (id int primary key, quantity int, note text)")
+        .await;
+    db.execute(gancho::capture::SCHEMA_SQL).await;
+    db.execute("select gancho.watch('stock', 'stock', '{id}', '{quantity}')")
+        .await;
+
+    // Every row starts with its own quantity, id * 10, so an image paired
+    // with another row's image shows up as a wrong quantity.
+    db.execute("insert into stock select g, g * 10, 'a' from generate_series(1, 2000) g")
+        .await;
+    db.execute("update stock set quantity = quantity + 1, note = 'b'").await;
+    db.execute("update stock set note = 'c' where id <= 500").await;
+    db.execute("update stock set id = id + 10000 where id <= 3").await;
+    db.execute("delete from stock where id between 1991 and 2000").await;
+
+    let rows = outbox(&db).await;
+    let (inserts, rest) = rows.split_at(2000);
+    let (updates, rest) = rest.split_at(2000);
+    let (moved, deletes) = rest.split_at(3);
+    assert_eq!(deletes.len(), 10, "the note-only update records nothing");
+
+    for (operation, key, old, new) in inserts {
+        let id = key["id"].as_i64().expect("an integer id");
+        assert_eq!((operation.as_str(), old), ("INSERT", &Value::Null));
+        assert_eq!(new, &json!({"quantity": id * 10}));
+    }
+    let mut updated_ids: Vec<i64> = updates
+        .iter()
+        .map(|(operation, key, old, new)| {
+            let id = key["id"].as_i64().expect("an integer id");
+            assert_eq!(operation, "UPDATE");
+            assert_eq!(old, &json!({"quantity": id * 10}), "row {id}");
+            assert_eq!(new, &json!({"quantity": id * 10 + 1}), "row {id}");
+            id
+        })
+        .collect();
+    updated_ids.sort_unstable();
+    assert_eq!(updated_ids, (1..=2000).collect::<Vec<i64>>());
+
+    // A changed key is a change even when no captured column changed; the
+    // key is the new one.
+    for (operation, key, old, new) in moved {
+        let id = key["id"].as_i64().expect("an integer id") - 10000;
+        assert_eq!(operation, "UPDATE");
+        assert_eq!((old, new), (&json!({"quantity": id * 10 + 1}), &json!({"quantity": id * 10 + 1})));
+    }
+    for (operation, key, old, new) in deletes {
+        let id = key["id"].as_i64().expect("an integer id");
+        assert!((1991..=2000).contains(&id), "deleted row {id}");
+        assert_eq!((operation.as_str(), new), ("DELETE", &Value::Null));
+        assert_eq!(old, &json!({"quantity": id * 10 + 1}));
+    }
+}
+
+#[tokio::test]
+async fn partitions_record_rows_changed_through_either_table() {
+    let db = TestDb::create().await;
+    db.execute(
+        "create table orders (id int, region text, state text, primary key (id, region)) partition by list (region);
+         create table orders_north partition of orders for values in ('north');
+         create table orders_south partition of orders for values in ('south');",
+    )
+    .await;
+    db.execute(gancho::capture::SCHEMA_SQL).await;
+    db.execute("select gancho.watch('orders', 'orders', '{id,region}', '{state}')")
+        .await;
+    db.execute("select gancho.watch('south', 'orders_south', '{id}', '{state}')")
+        .await;
+
+    // Statement-level triggers on either table would miss the rows written
+    // through the other one.
+    db.execute("insert into orders values (1, 'north', 'cart'), (2, 'south', 'cart')")
+        .await;
+    db.execute("update orders_north set state = 'paid'").await;
+    db.execute("update orders set state = 'shipped' where id = 2").await;
+    db.execute("update orders set region = 'south' where id = 1").await;
+
+    let client = db.client().await;
+    let recorded: Vec<(String, String, Value, Value)> = client
+        .query(
+            "select source, operation, key, coalesce(new, 'null') from gancho.outbox order by id",
+            &[],
+        )
+        .await
+        .expect("the outbox is readable")
+        .iter()
+        .map(|row| (row.get(0), row.get(1), row.get(2), row.get(3)))
+        .collect();
+    let expected = |source: &str, operation: &str, key: Value, new: Value| (source.to_string(), operation.to_string(), key, new);
+    assert_eq!(
+        recorded,
+        vec![
+            expected("orders", "INSERT", json!({"id": 1, "region": "north"}), json!({"state": "cart"})),
+            expected("orders", "INSERT", json!({"id": 2, "region": "south"}), json!({"state": "cart"})),
+            expected("south", "INSERT", json!({"id": 2}), json!({"state": "cart"})),
+            expected("orders", "UPDATE", json!({"id": 1, "region": "north"}), json!({"state": "paid"})),
+            expected("orders", "UPDATE", json!({"id": 2, "region": "south"}), json!({"state": "shipped"})),
+            expected("south", "UPDATE", json!({"id": 2}), json!({"state": "shipped"})),
+            // Moving a row to another partition deletes it from one and
+            // inserts it into the other.
+            expected("orders", "DELETE", json!({"id": 1, "region": "north"}), Value::Null),
+            expected("orders", "INSERT", json!({"id": 1, "region": "south"}), json!({"state": "paid"})),
+            expected("south", "INSERT", json!({"id": 1}), json!({"state": "paid"})),
+        ]
+    );
+    assert_eq!(
+        db.count("select count(*) from pg_trigger where tgname like 'gancho_%' and tgrelid = 'orders_south'::regclass and tgtype & 1 = 1")
+            .await,
+        2,
+        "row-level triggers: the clone of the parent's and the partition's own"
+    );
 }
