@@ -375,8 +375,9 @@ begin
     -- statement names this table. A partition also changes through its
     -- parent, a partitioned table through its partitions, and an inheritance
     -- child through its parent, so those tables get the row-level trigger,
-    -- which fires wherever the row changes.
-    select c.relkind = 'r' and not c.relispartition
+    -- which fires wherever the row changes. So do fire_always sources:
+    -- logical replication's apply worker fires row triggers only.
+    select not fire_always and c.relkind = 'r' and not c.relispartition
            and not exists (select 1 from pg_inherits i where i.inhrelid = target or i.inhparent = target)
     into per_statement
     from pg_class c

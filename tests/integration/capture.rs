@@ -545,7 +545,10 @@ async fn bulk_statements_pair_each_row_with_its_own_images() {
     for (operation, key, old, new) in moved {
         let id = key["id"].as_i64().expect("an integer id") - 10000;
         assert_eq!(operation, "UPDATE");
-        assert_eq!((old, new), (&json!({"quantity": id * 10 + 1}), &json!({"quantity": id * 10 + 1})));
+        assert_eq!(
+            (old, new),
+            (&json!({"quantity": id * 10 + 1}), &json!({"quantity": id * 10 + 1}))
+        );
     }
     for (operation, key, old, new) in deletes {
         let id = key["id"].as_i64().expect("an integer id");
@@ -589,20 +592,46 @@ async fn partitions_record_rows_changed_through_either_table() {
         .iter()
         .map(|row| (row.get(0), row.get(1), row.get(2), row.get(3)))
         .collect();
-    let expected = |source: &str, operation: &str, key: Value, new: Value| (source.to_string(), operation.to_string(), key, new);
+    let expected =
+        |source: &str, operation: &str, key: Value, new: Value| (source.to_string(), operation.to_string(), key, new);
     assert_eq!(
         recorded,
         vec![
-            expected("orders", "INSERT", json!({"id": 1, "region": "north"}), json!({"state": "cart"})),
-            expected("orders", "INSERT", json!({"id": 2, "region": "south"}), json!({"state": "cart"})),
+            expected(
+                "orders",
+                "INSERT",
+                json!({"id": 1, "region": "north"}),
+                json!({"state": "cart"})
+            ),
+            expected(
+                "orders",
+                "INSERT",
+                json!({"id": 2, "region": "south"}),
+                json!({"state": "cart"})
+            ),
             expected("south", "INSERT", json!({"id": 2}), json!({"state": "cart"})),
-            expected("orders", "UPDATE", json!({"id": 1, "region": "north"}), json!({"state": "paid"})),
-            expected("orders", "UPDATE", json!({"id": 2, "region": "south"}), json!({"state": "shipped"})),
+            expected(
+                "orders",
+                "UPDATE",
+                json!({"id": 1, "region": "north"}),
+                json!({"state": "paid"})
+            ),
+            expected(
+                "orders",
+                "UPDATE",
+                json!({"id": 2, "region": "south"}),
+                json!({"state": "shipped"})
+            ),
             expected("south", "UPDATE", json!({"id": 2}), json!({"state": "shipped"})),
             // Moving a row to another partition deletes it from one and
             // inserts it into the other.
             expected("orders", "DELETE", json!({"id": 1, "region": "north"}), Value::Null),
-            expected("orders", "INSERT", json!({"id": 1, "region": "south"}), json!({"state": "paid"})),
+            expected(
+                "orders",
+                "INSERT",
+                json!({"id": 1, "region": "south"}),
+                json!({"state": "paid"})
+            ),
             expected("south", "INSERT", json!({"id": 1}), json!({"state": "paid"})),
         ]
     );
@@ -612,4 +641,142 @@ async fn partitions_record_rows_changed_through_either_table() {
         2,
         "row-level triggers: the clone of the parent's and the partition's own"
     );
+}
+
+/// A `fire_in_replica_mode` source on a logical replication subscriber
+/// records the rows that the apply worker writes. The apply worker fires row
+/// triggers only, so such a source must not get statement-level triggers.
+#[tokio::test]
+async fn logical_replication_apply_is_recorded_with_fire_always() {
+    let cluster = tokio::task::spawn_blocking(|| {
+        gancho::demo::cluster::TempCluster::start_with(&[("wal_level", "logical"), ("fsync", "off")])
+    })
+    .await
+    .unwrap()
+    .expect("a throwaway cluster starts");
+    let admin = connect(&cluster.url("postgres")).await;
+    for database in ["shop", "copy"] {
+        admin
+            .batch_execute(&format!("create database {database}"))
+            .await
+            .unwrap();
+    }
+
+    let shop = connect(&cluster.url("shop")).await;
+    shop.batch_execute(
+        "create table stock (id int primary key, quantity int);
+         insert into stock values (1, 10);
+         create publication stock_pub for table stock;",
+    )
+    .await
+    .unwrap();
+    shop.batch_execute("select pg_create_logical_replication_slot('stock_slot', 'pgoutput')")
+        .await
+        .unwrap();
+
+    // A subscription to a database of the same cluster cannot create its
+    // slot itself, hence the slot made above.
+    let copy = connect(&cluster.url("copy")).await;
+    copy.batch_execute("create table stock (id int primary key, quantity int)")
+        .await
+        .unwrap();
+    copy.batch_execute(gancho::capture::SCHEMA_SQL).await.unwrap();
+    copy.batch_execute("select gancho.watch('stock', 'stock', '{id}', '{quantity}', true)")
+        .await
+        .unwrap();
+    let connection = format!("host=127.0.0.1 port={} user=postgres dbname=shop", cluster.port());
+    copy.batch_execute(&format!(
+        "create subscription stock_sub connection '{connection}' publication stock_pub
+             with (create_slot = false, slot_name = 'stock_slot')"
+    ))
+    .await
+    .unwrap();
+
+    // Write only once the initial copy of row 1 is in, so that the copy
+    // does not take in the changes below.
+    let copied = wait_until(&copy, "select count(*) from gancho.outbox", 1).await;
+    assert_eq!(copied, 1, "the initial copy records row 1");
+
+    shop.batch_execute(
+        "insert into stock values (2, 20), (3, 30);
+         update stock set quantity = quantity + 1;
+         delete from stock where id = 3;",
+    )
+    .await
+    .unwrap();
+
+    // The initial copy (one INSERT of row 1), then the applied changes.
+    let expected = vec![
+        (
+            "INSERT".to_string(),
+            json!({"id": 1}),
+            Value::Null,
+            json!({"quantity": 10}),
+        ),
+        (
+            "INSERT".to_string(),
+            json!({"id": 2}),
+            Value::Null,
+            json!({"quantity": 20}),
+        ),
+        (
+            "INSERT".to_string(),
+            json!({"id": 3}),
+            Value::Null,
+            json!({"quantity": 30}),
+        ),
+        (
+            "UPDATE".to_string(),
+            json!({"id": 1}),
+            json!({"quantity": 10}),
+            json!({"quantity": 11}),
+        ),
+        (
+            "UPDATE".to_string(),
+            json!({"id": 2}),
+            json!({"quantity": 20}),
+            json!({"quantity": 21}),
+        ),
+        (
+            "UPDATE".to_string(),
+            json!({"id": 3}),
+            json!({"quantity": 30}),
+            json!({"quantity": 31}),
+        ),
+        (
+            "DELETE".to_string(),
+            json!({"id": 3}),
+            json!({"quantity": 31}),
+            Value::Null,
+        ),
+    ];
+    wait_until(&copy, "select count(*) from gancho.outbox", expected.len() as i64).await;
+    let recorded: Vec<(String, Value, Value, Value)> = copy
+        .query(
+            "select operation, key, coalesce(old, 'null'), coalesce(new, 'null') from gancho.outbox order by id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1), row.get(2), row.get(3)))
+        .collect();
+    assert_eq!(recorded, expected);
+
+    copy.batch_execute("alter subscription stock_sub disable; alter subscription stock_sub set (slot_name = none); drop subscription stock_sub;")
+        .await
+        .unwrap();
+}
+
+/// Polls a count query until it reaches `expected` or 30 s pass, and returns
+/// the last count.
+async fn wait_until(client: &tokio_postgres::Client, sql: &str, expected: i64) -> i64 {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let count: i64 = client.query_one(sql, &[]).await.unwrap().get(0);
+        if count >= expected || tokio::time::Instant::now() >= deadline {
+            return count;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
