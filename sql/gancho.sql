@@ -234,7 +234,9 @@ $$;
 -- per statement and reads the statement's changed rows from its transition
 -- tables (gancho_old and gancho_new), so a statement that changes 100,000 rows
 -- runs one function call and one set-based insert instead of 100,000 of each.
--- Arguments as for gancho.capture().
+-- Arguments as for gancho.capture(). "offset 0" keeps Postgres from merging a
+-- subquery into the query around it, which would compute to_jsonb() and the
+-- projections once per reference instead of once per row.
 --
 -- Postgres fills the two transition tables of an UPDATE side by side, one
 -- before-image and one after-image per updated row, so the rows at the same
@@ -257,11 +259,11 @@ begin
     if TG_OP = 'INSERT' then
         insert into gancho.outbox (source, table_name, operation, key, new)
         select TG_ARGV[0], changed_table, 'INSERT', after_image - not_key, after_image - not_captured
-        from (select to_jsonb(inserted) as after_image from gancho_new inserted) captured;
+        from (select to_jsonb(inserted) as after_image from gancho_new inserted offset 0) captured;
     elsif TG_OP = 'DELETE' then
         insert into gancho.outbox (source, table_name, operation, key, old)
         select TG_ARGV[0], changed_table, 'DELETE', before_image - not_key, before_image - not_captured
-        from (select to_jsonb(deleted) as before_image from gancho_old deleted) captured;
+        from (select to_jsonb(deleted) as before_image from gancho_old deleted offset 0) captured;
     else
         -- An update that changes no captured column and no key records nothing.
         insert into gancho.outbox (source, table_name, operation, key, old, new)
@@ -273,6 +275,7 @@ begin
                 (select array_agg(to_jsonb(deleted)) from gancho_old deleted),
                 (select array_agg(to_jsonb(inserted)) from gancho_new inserted)
             ) as pairs (before_image, after_image)
+            offset 0
         ) paired
         where old_values <> new_values or before_image - not_key <> after_image - not_key;
     end if;

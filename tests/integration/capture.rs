@@ -499,7 +499,7 @@ async fn column_added_after_install_stays_out() {
 }
 
 #[tokio::test]
-async fn bulk_statements_pair_each_row_with_its_own_images() {
+async fn bulk_update_pairs_row_images() {
     let db = TestDb::create().await;
     db.execute("create table stock (id int primary key, quantity int, note text)")
         .await;
@@ -559,7 +559,7 @@ async fn bulk_statements_pair_each_row_with_its_own_images() {
 }
 
 #[tokio::test]
-async fn partitions_record_rows_changed_through_either_table() {
+async fn partition_writes_through_either_table() {
     let db = TestDb::create().await;
     db.execute(
         "create table orders (id int, region text, state text, primary key (id, region)) partition by list (region);
@@ -647,7 +647,7 @@ async fn partitions_record_rows_changed_through_either_table() {
 /// records the rows that the apply worker writes. The apply worker fires row
 /// triggers only, so such a source must not get statement-level triggers.
 #[tokio::test]
-async fn logical_replication_apply_is_recorded_with_fire_always() {
+async fn logical_replication_apply_recorded() {
     let cluster = tokio::task::spawn_blocking(|| {
         gancho::demo::cluster::TempCluster::start_with(&[("wal_level", "logical"), ("fsync", "off")])
     })
