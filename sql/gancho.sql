@@ -220,9 +220,9 @@ begin
     -- Read after the insert, so this transaction already has its id when it
     -- reads 0, and a sidecar that sets 1 afterwards waits for it. The payload
     -- is constant, so Postgres folds the notifications of one transaction into
-    -- one. pg_sequence_last_value() (the function behind the pg_sequences
-    -- view) costs a fraction of a SELECT on the sequence, which matters once
-    -- per changed row; it returns null until the first setval().
+    -- one. pg_sequence_last_value(), the function behind the pg_sequences
+    -- view, costs a fraction of a SELECT on the sequence, and this runs once
+    -- per changed row. It returns null until the first setval().
     if pg_sequence_last_value('gancho.doorbell'::regclass) = 1 then
         perform pg_notify('gancho', '');
     end if;
