@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use tokio_postgres::Client;
 
+use crate::analysis::DeliveryCheck;
 use crate::process::{self, Measured};
 use crate::receiver::{ArrivalMark, EndpointLog, EndpointSpec, Receiver, secret_key};
 use crate::setup::{self, Database, EndpointConfig, GanchoSettings, Triggers};
@@ -126,6 +127,9 @@ pub struct Bench {
     /// scenario, for the latency scenario's second rate.
     pub max_changes_per_second: Option<f64>,
     pub rate_option: Option<f64>,
+    /// gancho runs whose delivery check failed, reported at the end of the
+    /// run so that a broken delivery fails the benchmark (and CI's smoke run).
+    failed_checks: std::sync::Mutex<Vec<String>>,
 }
 
 impl Bench {
@@ -154,7 +158,26 @@ impl Bench {
             run_counter: std::sync::atomic::AtomicU32::new(0),
             max_changes_per_second: None,
             rate_option,
+            failed_checks: std::sync::Mutex::new(Vec::new()),
         }
+    }
+
+    /// Records a gancho run whose delivery was not exact: a change missing,
+    /// a bad signature, a request without a seq, or one change sent under
+    /// two webhook-ids. The naive baseline's losses are expected and not
+    /// recorded.
+    pub fn require_exact(&self, system: System, run: &str, check: &DeliveryCheck) {
+        if system != System::Gancho || (check.is_exact() && check.duplicates_with_new_id == 0) {
+            return;
+        }
+        self.failed_checks
+            .lock()
+            .expect("failed checks lock")
+            .push(format!("{run}: {}", check.summary()));
+    }
+
+    pub fn failed_checks(&self) -> Vec<String> {
+        self.failed_checks.lock().expect("failed checks lock").clone()
     }
 
     /// Creates an empty commit log.

@@ -239,6 +239,7 @@ async fn run(options: Options, label: &str, scenarios: &[Scenario]) -> anyhow::R
     );
     let mut results = Map::new();
     let outcome = run_scenarios(&mut bench, &options, label, scenarios, &mut results).await;
+    let failed_checks = bench.failed_checks();
 
     let Bench { database, client, .. } = bench;
     drop(client);
@@ -255,7 +256,15 @@ async fn run(options: Options, label: &str, scenarios: &[Scenario]) -> anyhow::R
         ),
     }
     outcome?;
-    cleanup
+    cleanup?;
+    if !failed_checks.is_empty() {
+        anyhow::bail!(
+            "gancho's delivery was not exact in {} run(s), so its figures are invalid:\n- {}",
+            failed_checks.len(),
+            failed_checks.join("\n- ")
+        );
+    }
+    Ok(())
 }
 
 async fn run_scenarios(

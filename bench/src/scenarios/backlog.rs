@@ -108,6 +108,7 @@ pub async fn run(bench: &Bench) -> anyhow::Result<Value> {
         };
         let commits = log.snapshot();
         let check = analysis::check_all(&endpoints, &commits);
+        bench.require_exact(system, "backlog", &check);
         let last = analysis::last_arrival(&endpoints, &commits);
         let end = last.unwrap_or_else(Instant::now);
         let end_sample = running.process.monitor.sample_now(pid);

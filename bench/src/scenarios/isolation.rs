@@ -129,6 +129,12 @@ pub async fn run(bench: &Bench) -> anyhow::Result<Value> {
 
             let mut check = analysis::check_all(&fast, &saturation.log.snapshot());
             check.add(analysis::check_all(&fast, &fixed_commits));
+            let run = if slow {
+                "isolation with the slow endpoint"
+            } else {
+                "isolation without the slow endpoint"
+            };
+            bench.require_exact(system, run, &check);
             let slow_requests = endpoints[slow_index].received();
             let log_lines = running.process.warning_lines(3);
             harness::stop_system(bench, running).await?;

@@ -88,6 +88,7 @@ pub async fn run(bench: &Bench) -> anyhow::Result<Value> {
             let commits = log.snapshot();
             let latencies = analysis::latencies(&endpoints, &commits, None);
             let check = analysis::check_all(&endpoints, &commits);
+            bench.require_exact(system, &format!("latency at {rate:.0} changes/s"), &check);
             let peak = running
                 .process
                 .monitor

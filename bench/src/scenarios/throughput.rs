@@ -73,6 +73,7 @@ pub async fn run(bench: &mut Bench) -> anyhow::Result<Value> {
                     .await?;
             let commits = saturation.log.snapshot();
             let check = analysis::check_all(&tracked, &commits);
+            bench.require_exact(system, &format!("throughput, {endpoints} endpoints"), &check);
             let (warnings, errors) = running.process.warnings_and_errors();
             let log_lines = running.process.warning_lines(3);
             harness::stop_system(bench, running).await?;
