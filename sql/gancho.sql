@@ -265,19 +265,31 @@ begin
         select TG_ARGV[0], changed_table, 'DELETE', before_image - not_key, before_image - not_captured
         from (select to_jsonb(deleted) as before_image from gancho_old deleted offset 0) captured;
     else
-        -- An update that changes no captured column and no key records nothing.
+        -- The images are projected before they are paired, so columns that
+        -- are not captured (a long description, say) never travel further.
+        -- The pairing is a join on position rather than an aggregate, which
+        -- would fail the shop's UPDATE once its rows add up to 1 GB.
         insert into gancho.outbox (source, table_name, operation, key, old, new)
-        select TG_ARGV[0], changed_table, 'UPDATE', after_image - not_key, old_values, new_values
+        select TG_ARGV[0], changed_table, 'UPDATE', after_rows.key_values, before_rows.captured_values, after_rows.captured_values
         from (
-            select before_image, after_image,
-                   before_image - not_captured as old_values, after_image - not_captured as new_values
-            from unnest(
-                (select array_agg(to_jsonb(deleted)) from gancho_old deleted),
-                (select array_agg(to_jsonb(inserted)) from gancho_new inserted)
-            ) as pairs (before_image, after_image)
-            offset 0
-        ) paired
-        where old_values <> new_values or before_image - not_key <> after_image - not_key;
+            select row_number() over () as position, captured_values, key_values
+            from (
+                select image - not_captured as captured_values, image - not_key as key_values
+                from (select to_jsonb(deleted) as image from gancho_old deleted offset 0) images
+                offset 0
+            ) projected
+        ) before_rows
+        join (
+            select row_number() over () as position, captured_values, key_values
+            from (
+                select image - not_captured as captured_values, image - not_key as key_values
+                from (select to_jsonb(inserted) as image from gancho_new inserted offset 0) images
+                offset 0
+            ) projected
+        ) after_rows using (position)
+        -- An update that changes no captured column and no key records nothing.
+        where before_rows.captured_values <> after_rows.captured_values
+           or before_rows.key_values <> after_rows.key_values;
     end if;
 
     -- As in gancho.capture(): read after the insert, and only when it wrote.
@@ -377,9 +389,12 @@ begin
     -- Statement-level triggers see a statement's rows only when the
     -- statement names this table. A partition also changes through its
     -- parent, a partitioned table through its partitions, and an inheritance
-    -- child through its parent, so those tables get the row-level trigger,
-    -- which fires wherever the row changes. So do fire_always sources:
-    -- logical replication's apply worker fires row triggers only.
+    -- child through its parent, so those tables get the row-level trigger.
+    -- It fires for the rows stored in its table whichever statement changes
+    -- them. Postgres copies it to partitions but not to inheritance children,
+    -- so a child needs a source of its own. fire_always sources get the
+    -- row-level trigger too, because logical replication's apply worker
+    -- fires row triggers only.
     select not fire_always and c.relkind = 'r' and not c.relispartition
            and not exists (select 1 from pg_inherits i where i.inhrelid = target or i.inhparent = target)
     into per_statement

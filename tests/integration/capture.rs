@@ -780,3 +780,75 @@ async fn wait_until(client: &tokio_postgres::Client, sql: &str, expected: i64) -
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+#[tokio::test]
+async fn bulk_update_beyond_one_gigabyte() {
+    let db = TestDb::create().await;
+    db.execute("create table products (id int primary key, price int, description text)")
+        .await;
+    // 110 rows of 10 MB each: their images add up to more than the 1 GB
+    // that Postgres allows for one array or one value. The description
+    // compresses to almost nothing on disk, but the trigger sees it whole.
+    db.execute("insert into products select g, g * 100, repeat('x', 10000000) from generate_series(1, 110) g")
+        .await;
+    db.execute(gancho::capture::SCHEMA_SQL).await;
+    db.execute("select gancho.watch('products', 'products', '{id}', '{price}')")
+        .await;
+
+    db.execute("update products set price = price + 1").await;
+
+    let rows = outbox(&db).await;
+    assert_eq!(rows.len(), 110);
+    for (operation, key, old, new) in rows {
+        let id = key["id"].as_i64().expect("an integer id");
+        assert_eq!(operation, "UPDATE");
+        assert_eq!(old, json!({"price": id * 100}), "row {id}");
+        assert_eq!(new, json!({"price": id * 100 + 1}), "row {id}");
+    }
+}
+
+#[tokio::test]
+async fn inheritance_children_need_own_source() {
+    let db = TestDb::create().await;
+    db.execute(
+        "create table items (id int primary key, v int);
+         create table special_items (extra text) inherits (items);",
+    )
+    .await;
+    db.execute(gancho::capture::SCHEMA_SQL).await;
+    db.execute("select gancho.watch('items', 'items', '{id}', '{v}')").await;
+    db.execute("select gancho.watch('special', 'special_items', '{id}', '{v}')")
+        .await;
+
+    db.execute("insert into items values (1, 1); insert into special_items values (2, 2, 'x');")
+        .await;
+    db.execute("update items set v = v + 10").await;
+
+    // Each table records the rows stored in it, whichever statement changed
+    // them: the parent's trigger does not fire for the child's rows.
+    let client = db.client().await;
+    let recorded: Vec<(String, String, Value, Value)> = client
+        .query("select source, operation, key, new from gancho.outbox order by id", &[])
+        .await
+        .expect("the outbox is readable")
+        .iter()
+        .map(|row| (row.get(0), row.get(1), row.get(2), row.get(3)))
+        .collect();
+    let expected = |source: &str, operation: &str, id: i64, v: i64| {
+        (
+            source.to_string(),
+            operation.to_string(),
+            json!({"id": id}),
+            json!({"v": v}),
+        )
+    };
+    assert_eq!(
+        recorded,
+        vec![
+            expected("items", "INSERT", 1, 1),
+            expected("special", "INSERT", 2, 2),
+            expected("items", "UPDATE", 1, 11),
+            expected("special", "UPDATE", 2, 12),
+        ]
+    );
+}
