@@ -48,7 +48,9 @@ enum Command {
         #[command(flatten)]
         config: ConfigArgs,
         /// Database to uninstall from, instead of the config's database_url.
-        #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+        /// Only this flag overrides the config: a DATABASE_URL left in the
+        /// shell must not point this destructive command at another database.
+        #[arg(long)]
         database_url: Option<String>,
     },
     /// Validate a config against the live database.

@@ -287,7 +287,13 @@ pub async fn launch(bench: &Bench, setup: SystemSetup) -> anyhow::Result<Running
                 setup.config.display().to_string(),
             ];
             // gancho logs at its default level, as in production.
-            let process = Measured::spawn("gancho run", &bench.gancho, &args, &[("GANCHO_LOG", None)], &log)?;
+            let process = Measured::spawn(
+                "gancho run",
+                &bench.gancho,
+                &args,
+                &[("GANCHO_LOG", None), ("DATABASE_URL", None)],
+                &log,
+            )?;
             (process, "gancho-listener")
         }
         System::Naive => {

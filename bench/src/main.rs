@@ -247,7 +247,7 @@ async fn run(options: Options, label: &str, scenarios: &[Scenario]) -> anyhow::R
     let elapsed = started.elapsed();
     println!("gancho-bench {label} finished in {}", format_elapsed(elapsed));
     match (&outcome, &cleanup) {
-        (Ok(()), Ok(())) => {
+        (Ok(()), Ok(())) if failed_checks.is_empty() => {
             let _ = std::fs::remove_dir_all(&work_dir);
         }
         _ => eprintln!(

@@ -89,10 +89,13 @@ fn newest_file(folder: &Path) -> Option<(PathBuf, std::time::SystemTime)> {
 
 /// Runs `gancho VERB --config FILE` to completion, failing with its output when it fails.
 pub async fn run_gancho_command(gancho: &Path, verb: &str, config: &Path) -> anyhow::Result<()> {
+    // The config names the benchmark's database; a DATABASE_URL inherited
+    // from the shell (CI exports one for the tests) must not change that.
     let output = Command::new(gancho)
         .arg(verb)
         .arg("--config")
         .arg(config)
+        .env_remove("DATABASE_URL")
         .stdin(Stdio::null())
         .output()
         .await

@@ -305,3 +305,38 @@ async fn receive_command_checks_signatures() {
     assert_eq!(rejected.ok(), Some(401));
     assert_eq!(exit.and_then(|status| status.code()), Some(0));
 }
+
+/// A DATABASE_URL left in the shell must not point `gancho uninstall` at
+/// another database than the config's: only `--database-url` overrides it.
+#[tokio::test]
+async fn uninstall_ignores_shell_database_url() {
+    let shop = TestDb::create().await;
+    let other = TestDb::create().await;
+    for db in [&shop, &other] {
+        db.execute("create table stock (id int primary key, quantity int)")
+            .await;
+    }
+    let config_for = |db: &TestDb| {
+        config_text(
+            &db.url,
+            "http://127.0.0.1:9/",
+            "[[source]]\nname = \"stock\"\ntable = \"stock\"\nkey = [\"id\"]\ncolumns = [\"quantity\"]\n",
+        )
+    };
+    install(&shop, &parse_config(&config_for(&shop), &[])).await;
+    install(&other, &parse_config(&config_for(&other), &[])).await;
+
+    let file = TempFile::with_text(&config_for(&shop));
+    let output = gancho_command()
+        .arg("uninstall")
+        .arg("--config")
+        .arg(&file.path)
+        .env("DATABASE_URL", &other.url)
+        .output()
+        .expect("gancho runs");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+
+    let schemas = "select count(*) from pg_namespace where nspname = 'gancho'";
+    assert_eq!(shop.count(schemas).await, 0, "the config's database is uninstalled");
+    assert_eq!(other.count(schemas).await, 1, "the shell's database keeps gancho");
+}
