@@ -141,8 +141,9 @@ create index if not exists attempt_delivery on gancho.attempt (delivery_id);
 create sequence if not exists gancho.doorbell minvalue 0 maxvalue 1 start 0 no cycle;
 
 -- The row-level trigger function, fired once per changed row. gancho.watch()
--- uses it on partitions, partitioned tables and inheritance trees, and for
--- TRUNCATE on every table; plain tables get gancho.capture_statement() below.
+-- uses it on partitions, partitioned tables, inheritance trees and sources
+-- that fire in replica mode, and for TRUNCATE on every table. Other tables
+-- get gancho.capture_statement() below.
 -- Arguments: source name, key columns, captured columns, and the columns that
 -- are not captured and the columns that are not key, as gancho.watch() found
 -- them at install time.

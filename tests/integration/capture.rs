@@ -788,7 +788,8 @@ async fn bulk_update_beyond_one_gigabyte() {
         .await;
     // 110 rows of 10 MB each: their images add up to more than the 1 GB
     // that Postgres allows for one array or one value. The description
-    // compresses to almost nothing on disk, but the trigger sees it whole.
+    // compresses to almost nothing on disk, but to_jsonb() in the trigger
+    // expands it in full.
     db.execute("insert into products select g, g * 100, repeat('x', 10000000) from generate_series(1, 110) g")
         .await;
     db.execute(gancho::capture::SCHEMA_SQL).await;
