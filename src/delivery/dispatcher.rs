@@ -9,16 +9,17 @@
 //! lease expired while its request was slow.
 
 use std::collections::{HashSet, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use deadpool_postgres::Pool;
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use super::handoff::Inbox;
 use super::health::{self, Health};
 use super::recorder::{self, Outcome, RecorderHandle, Verdict, verdict};
 use super::send::{AttemptResult, ClaimedDelivery, http_client, send};
@@ -55,12 +56,14 @@ pub struct Dispatcher {
     client: reqwest::Client,
     recorder: RecorderHandle,
     settings: SidecarSettings,
-    wake: Arc<Notify>,
+    inbox: Arc<Inbox>,
     shutdown: CancellationToken,
     /// Deliveries claimed and not yet recorded, released on shutdown.
     claimed: Arc<Mutex<HashSet<i64>>>,
     /// Set by an attempt that failed, once its outcome is recorded.
     failed: Arc<AtomicBool>,
+    /// Successful attempts so far, for the pace of the hand-off.
+    delivered: Arc<AtomicU64>,
 }
 
 impl Dispatcher {
@@ -68,7 +71,7 @@ impl Dispatcher {
         endpoint: Arc<Endpoint>,
         pool: Pool,
         settings: SidecarSettings,
-        wake: Arc<Notify>,
+        inbox: Arc<Inbox>,
         shutdown: CancellationToken,
     ) -> Dispatcher {
         let client = http_client(&endpoint);
@@ -79,10 +82,11 @@ impl Dispatcher {
             client,
             recorder,
             settings,
-            wake,
+            inbox,
             shutdown,
             claimed: Arc::default(),
             failed: Arc::default(),
+            delivered: Arc::default(),
         }
     }
 
@@ -103,6 +107,12 @@ impl Dispatcher {
         // last read: all, one probe, or none while paused or disabled.
         let mut allowed = usize::MAX;
         let mut failures = 0u32;
+        // When the next claim from the database is due. Deliveries that the
+        // processor hands over need none. A claim finds what it could not
+        // hand over, retries that came due, deliveries that waited for an
+        // earlier one of their row, and leases that expired elsewhere.
+        let mut claim_at = Instant::now();
+        let mut pace = Pace::new(max_in_flight, Instant::now());
 
         loop {
             if self.shutdown.is_cancelled() {
@@ -113,8 +123,11 @@ impl Dispatcher {
             // until it is joined, so join every finished one on each turn.
             while in_flight.try_join_next().is_some() {}
 
+            self.take_handed(&mut queue);
+
             // A failed attempt may have paused the endpoint: read its health
-            // again before sending what waits.
+            // again before sending what waits. Its retry is due later, so
+            // the next claim finds out when.
             if self.failed.swap(false, Ordering::AcqRel) {
                 allowed = self
                     .check_health(&mut failures)
@@ -124,6 +137,7 @@ impl Dispatcher {
                 if allowed <= 1 {
                     self.release_queue(&mut queue).await;
                 }
+                claim_at = Instant::now();
             }
             while !queue.is_empty() && max_in_flight - semaphore.available_permits() < allowed {
                 let Ok(permit) = Arc::clone(&semaphore).try_acquire_owned() else {
@@ -146,14 +160,22 @@ impl Dispatcher {
             } else {
                 (2 * max_in_flight).saturating_sub(outstanding)
             };
+            let handoff_room = if unrecorded >= 4 * max_in_flight {
+                0
+            } else {
+                pace.capacity(self.delivered.load(Ordering::Acquire), Instant::now())
+                    .saturating_sub(outstanding)
+            };
             let min_claim = (max_in_flight / 4).max(1);
             if !in_flight.is_empty() && (room < min_claim || queue.len() >= max_in_flight) {
+                self.inbox.offer(if allowed == usize::MAX { handoff_room } else { 0 });
                 tokio::select! {
                     biased;
                     _ = self.shutdown.cancelled() => break,
                     // A slot frees up when a request succeeds, before its task ends.
                     permit = Arc::clone(&semaphore).acquire_owned(), if !queue.is_empty() => drop(permit),
                     _ = in_flight.join_next() => {}
+                    _ = self.inbox.notified() => {}
                 }
                 continue;
             }
@@ -180,37 +202,54 @@ impl Dispatcher {
                 _ => room,
             };
             let mut claimed_count = 0;
-            if limit > 0 {
+            if limit == 0 {
+                // Claim as soon as the endpoint may take work again.
+                claim_at = Instant::now();
+            } else if self.inbox.take_claim_request() || Instant::now() >= claim_at {
                 match self.claim(limit).await {
                     Ok(deliveries) => {
                         failures = 0;
                         claimed_count = deliveries.len();
                         queue.extend(deliveries);
-                        if claimed_count == 0 && outstanding == 0 {
-                            wait = self.time_until_next_due().await.unwrap_or(wait).min(wait);
-                        }
+                        claim_at = if claimed_count < limit {
+                            let next = self.time_until_next_due().await.unwrap_or(wait).min(wait);
+                            Instant::now() + next
+                        } else {
+                            Instant::now()
+                        };
                     }
                     Err(error) => {
                         failures += 1;
                         wait = db::reconnect_delay(failures);
+                        claim_at = Instant::now() + wait;
                         tracing::warn!(endpoint = %self.endpoint.name, error = %error, retry_in_ms = wait.as_millis() as u64, "claiming deliveries failed");
                     }
                 }
             }
+            self.inbox.offer(if allowed == usize::MAX {
+                handoff_room.saturating_sub(claimed_count)
+            } else {
+                0
+            });
             if claimed_count > 0 {
                 continue;
             }
 
+            let until_claim = claim_at.saturating_duration_since(Instant::now());
+            if !until_claim.is_zero() {
+                wait = wait.min(until_claim);
+            }
             tokio::select! {
                 biased;
                 _ = self.shutdown.cancelled() => break,
-                _ = self.wake.notified() => {}
+                _ = self.inbox.notified() => {}
                 permit = Arc::clone(&semaphore).acquire_owned(), if !queue.is_empty() => drop(permit),
                 Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
                 _ = tokio::time::sleep(wait) => {}
             }
         }
 
+        self.inbox.offer(0);
         self.drain(in_flight).await;
     }
 
@@ -232,8 +271,23 @@ impl Dispatcher {
             }
         }
 
-        let leftover: Vec<i64> = self.claimed.lock().expect("claimed set lock").drain().collect();
+        let mut leftover: Vec<i64> = self.claimed.lock().expect("claimed set lock").drain().collect();
+        leftover.extend(self.inbox.take().iter().map(|delivery| delivery.id));
         self.release(&leftover).await;
+    }
+
+    /// Queues the deliveries the processor handed over, claimed like those
+    /// of a claim.
+    fn take_handed(&self, queue: &mut VecDeque<ClaimedDelivery>) {
+        let handed = self.inbox.take();
+        if handed.is_empty() {
+            return;
+        }
+        self.claimed
+            .lock()
+            .expect("claimed set lock")
+            .extend(handed.iter().map(|delivery| delivery.id));
+        queue.extend(handed);
     }
 
     /// Releases the claimed deliveries that wait for a slot. A pause can
@@ -297,7 +351,7 @@ impl Dispatcher {
                 attempt: row.get(2),
                 event_id: row.get(3),
                 event_type: row.get(4),
-                data: row.get(5),
+                data: Arc::new(row.get(5)),
                 occurred_at: row.get(6),
             })
             .collect();
@@ -342,11 +396,14 @@ impl Dispatcher {
         }
     }
 
+    /// How long until a pending delivery of this endpoint may be claimed: its
+    /// next attempt is due and no live lease holds it. Deliveries in flight
+    /// count only once their lease would expire.
     async fn time_until_next_due(&self) -> Option<Duration> {
         let client = self.pool.get().await.ok()?;
         let statement = client
             .prepare_cached(
-                "select (extract(epoch from min(next_attempt_at) - now()) * 1000)::bigint
+                "select (extract(epoch from min(greatest(next_attempt_at, coalesce(lease_until, next_attempt_at))) - now()) * 1000)::bigint
                  from gancho.delivery where endpoint = $1 and status = 'pending'",
             )
             .await
@@ -367,6 +424,7 @@ impl Dispatcher {
         let recorder = self.recorder.clone();
         let claimed = Arc::clone(&self.claimed);
         let failed = Arc::clone(&self.failed);
+        let delivered = Arc::clone(&self.delivered);
         let span = tracing::info_span!(
             "delivery",
             delivery_id = delivery.id,
@@ -389,6 +447,7 @@ impl Dispatcher {
             let recorded = recorder.submit(Outcome::new(&delivery, &result, verdict));
             if verdict == Verdict::Delivered {
                 drop(permit);
+                delivered.fetch_add(1, Ordering::Release);
             }
             let recorded = recorded.await;
             claimed.lock().expect("claimed set lock").remove(&delivery.id);
@@ -407,6 +466,43 @@ impl Dispatcher {
             }
         }
         .instrument(span)
+    }
+}
+
+/// How many deliveries a dispatcher takes from the processor at most: what
+/// the endpoint accepted in the last second. A fast endpoint then takes a
+/// whole batch of the processor's without a claim, and a handed delivery
+/// waits about a second, far less than its lease, before it is sent. Never
+/// less than a claim would hold, never more than 8 times the endpoint's
+/// slots, which bounds the memory of the queue.
+struct Pace {
+    floor: usize,
+    ceiling: usize,
+    sampled_at: Instant,
+    sampled_count: u64,
+    per_second: f64,
+}
+
+impl Pace {
+    fn new(max_in_flight: usize, now: Instant) -> Pace {
+        Pace {
+            floor: 2 * max_in_flight,
+            ceiling: 8 * max_in_flight,
+            sampled_at: now,
+            sampled_count: 0,
+            per_second: 0.0,
+        }
+    }
+
+    /// `delivered` counts the endpoint's successful attempts since start.
+    fn capacity(&mut self, delivered: u64, now: Instant) -> usize {
+        let elapsed = now.saturating_duration_since(self.sampled_at);
+        if elapsed >= Duration::from_secs(1) {
+            self.per_second = delivered.saturating_sub(self.sampled_count) as f64 / elapsed.as_secs_f64();
+            self.sampled_at = now;
+            self.sampled_count = delivered;
+        }
+        (self.per_second as usize).clamp(self.floor, self.ceiling)
     }
 }
 
@@ -433,5 +529,29 @@ fn log_attempt(delivery: &ClaimedDelivery, result: &AttemptResult, verdict: Verd
             status = 410,
             "receiver answered 410 Gone; endpoint disabled until `gancho endpoint enable`"
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pace_follows_the_endpoint_within_its_bounds() {
+        let start = Instant::now();
+        let mut pace = Pace::new(64, start);
+        assert_eq!(pace.capacity(0, start), 128, "no pace yet: what a claim holds");
+
+        // 1,000 a second is capped at 8 x 64.
+        assert_eq!(pace.capacity(1_000, start + Duration::from_secs(1)), 512);
+
+        // 300 a second, between the bounds.
+        assert_eq!(pace.capacity(1_300, start + Duration::from_secs(2)), 300);
+
+        // Within the second the last pace holds.
+        assert_eq!(pace.capacity(9_999, start + Duration::from_millis(2_500)), 300);
+
+        // A stalled endpoint falls back to the floor.
+        assert_eq!(pace.capacity(1_300, start + Duration::from_secs(4)), 128);
     }
 }

@@ -2,6 +2,7 @@
 //! that send each delivery and record every attempt.
 
 pub mod dispatcher;
+pub mod handoff;
 pub mod health;
 pub mod recorder;
 pub mod retry;

@@ -1,5 +1,6 @@
 //! One HTTP attempt: build the envelope, sign it, POST it, and read the response.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, SecondsFormat, Utc};
@@ -23,7 +24,8 @@ pub struct ClaimedDelivery {
     pub attempt: i32,
     pub event_id: i64,
     pub event_type: String,
-    pub data: Value,
+    /// Shared by the deliveries of one event that were handed over together.
+    pub data: Arc<Value>,
     pub occurred_at: DateTime<Utc>,
 }
 

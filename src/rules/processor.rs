@@ -12,6 +12,7 @@
 //! take their outbox ids in commit order.
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Transaction;
@@ -19,6 +20,8 @@ use serde_json::{Map, Value};
 
 use super::{Change, Operation, Row, RuleMatch, StateUpdate, enrich, evaluate, needs_state};
 use crate::config::{Config, Rule};
+use crate::delivery::handoff::Inbox;
+use crate::delivery::send::ClaimedDelivery;
 
 /// The advisory lock key that serialises processors across sidecars. Any fixed
 /// number works; this one spells "gancho" in ASCII.
@@ -36,8 +39,8 @@ pub struct BatchOutcome {
     pub changes: usize,
     pub events: usize,
     pub deliveries: usize,
-    /// Endpoints that received new deliveries, so their dispatchers can be woken.
-    pub endpoints: BTreeSet<String>,
+    /// Deliveries created claimed and handed to their dispatchers.
+    pub handed: usize,
     /// Whether another sidecar held the processor lock.
     pub busy: bool,
     /// Whether the batch was full, so more rows may be waiting.
@@ -56,12 +59,14 @@ struct PendingEvent {
 }
 
 pub struct Processor {
-    config: std::sync::Arc<Config>,
+    config: Arc<Config>,
+    /// Each endpoint's hand-off, by endpoint name.
+    inboxes: HashMap<String, Arc<Inbox>>,
 }
 
 impl Processor {
-    pub fn new(config: std::sync::Arc<Config>) -> Processor {
-        Processor { config }
+    pub fn new(config: Arc<Config>, inboxes: HashMap<String, Arc<Inbox>>) -> Processor {
+        Processor { config, inboxes }
     }
 
     /// Processes up to `batch_size` outbox rows in one transaction.
@@ -160,11 +165,21 @@ impl Processor {
             events: events.len(),
             ..BatchOutcome::default()
         };
+        let mut per_endpoint: HashMap<&str, usize> = HashMap::new();
         for event in &events {
             outcome.deliveries += event.endpoints.len();
-            outcome.endpoints.extend(event.endpoints.iter().cloned());
+            for endpoint in &event.endpoints {
+                *per_endpoint.entry(endpoint.as_str()).or_default() += 1;
+            }
         }
-        insert_events(&transaction, &events).await?;
+        let rooms = self.reserve_rooms(&per_endpoint);
+        let created = insert_events(
+            &transaction,
+            &events,
+            &rooms,
+            self.config.sidecar.lease.as_millis() as f64,
+        )
+        .await?;
         save_states(&transaction, &states, &dirty_states).await?;
         let statement = transaction
             .prepare_cached("update gancho.outbox set processed_at = now() where id = any($1)")
@@ -172,10 +187,42 @@ impl Processor {
         transaction.execute(&statement, &[&ids]).await?;
         transaction.commit().await?;
 
+        // Only now may the deliveries be sent: before the commit they could
+        // still be rolled back.
+        for (endpoint, handed) in created.handed {
+            if let Some(inbox) = self.inboxes.get(&endpoint) {
+                outcome.handed += handed.len();
+                inbox.hand(handed);
+            }
+        }
+        for endpoint in &created.unclaimed {
+            if let Some(inbox) = self.inboxes.get(endpoint) {
+                inbox.request_claim();
+            }
+        }
         for event in &events {
             tracing::debug!(change_id = event.outbox_id, rule = %event.rule, event_type = %event.event_type, endpoints = event.endpoints.len(), "event recorded");
         }
         Ok(outcome)
+    }
+
+    /// Reserves room at each endpoint's dispatcher for this batch's new
+    /// deliveries, as (endpoint, room, ordered) for the insert.
+    fn reserve_rooms(&self, per_endpoint: &HashMap<&str, usize>) -> Vec<(String, i32, bool)> {
+        let mut rooms = Vec::new();
+        for endpoint in &self.config.endpoints {
+            let Some(&wanted) = per_endpoint.get(endpoint.name.as_str()) else {
+                continue;
+            };
+            let Some(inbox) = self.inboxes.get(&endpoint.name) else {
+                continue;
+            };
+            let room = inbox.reserve(wanted);
+            if room > 0 {
+                rooms.push((endpoint.name.clone(), room as i32, endpoint.ordered));
+            }
+        }
+        rooms
     }
 
     /// Builds the event of a TRUNCATE. It removes rows without a row trigger
@@ -461,9 +508,79 @@ async fn save_states(
     Ok(())
 }
 
-async fn insert_events(transaction: &Transaction<'_>, events: &[PendingEvent]) -> Result<(), tokio_postgres::Error> {
+/// What [`insert_events`] created.
+#[derive(Default)]
+struct Created {
+    /// Deliveries created claimed, by endpoint, in id order.
+    handed: HashMap<String, Vec<ClaimedDelivery>>,
+    /// Endpoints with deliveries created unclaimed.
+    unclaimed: BTreeSet<String>,
+}
+
+/// Writes the events and their deliveries in one statement. The join back to
+/// the input is on (outbox_id, rule), which is unique because a rule emits at
+/// most one event per change.
+///
+/// A delivery is created claimed (attempt 1, leased) when its endpoint's
+/// dispatcher has room for it, and, at an endpoint that keeps each row's
+/// deliveries in order, when no earlier delivery of its row is pending, in the
+/// table or in this batch. The rest are created unclaimed, for the dispatchers'
+/// claims.
+const INSERT_EVENTS_SQL: &str = "with input as (
+         select * from unnest($1::bigint[], $2::text[], $3::text[], $4::jsonb[], $5::timestamptz[], $6::text[], $7::text[])
+             as input (outbox_id, rule, type, data, occurred_at, endpoints, ordering_key)
+     ), inserted as (
+         insert into gancho.event (outbox_id, rule, type, data, occurred_at)
+         select outbox_id, rule, type, data, occurred_at from input
+         returning id, outbox_id, rule, type, data, occurred_at
+     ), fanned as (
+         select inserted.id as event_id, endpoint, input.ordering_key,
+                row_number() over (partition by endpoint, input.ordering_key order by inserted.id) as nth_of_row
+         from inserted
+         join input on input.outbox_id = inserted.outbox_id and input.rule = inserted.rule
+         cross join lateral unnest(string_to_array(input.endpoints, ',')) as endpoint
+     ), eligible as (
+         select fanned.*, room.room,
+                room.room is not null and (not room.ordered or (nth_of_row = 1 and not exists (
+                    select 1 from gancho.delivery earlier
+                    where earlier.endpoint = fanned.endpoint and earlier.ordering_key = fanned.ordering_key
+                      and earlier.status = 'pending'
+                ))) as may_claim
+         from fanned
+         left join unnest($8::text[], $9::int[], $10::bool[]) as room (endpoint, room, ordered) using (endpoint)
+     ), decided as (
+         select eligible.*,
+                may_claim and row_number() over (partition by endpoint, may_claim order by event_id) <= room as claimed
+         from eligible
+     ), created as (
+         insert into gancho.delivery (event_id, endpoint, ordering_key, attempts, lease_until)
+         select event_id, endpoint, ordering_key,
+                case when claimed then 1 else 0 end,
+                case when claimed then now() + $11 * interval '1 millisecond' end
+         from decided
+         order by event_id, endpoint
+         returning id, event_id, endpoint, webhook_id, attempts
+     )
+     -- An event's payload travels once, with its first claimed delivery.
+     select created.endpoint, created.attempts, created.id, created.webhook_id,
+            inserted.id, inserted.type,
+            case when created.attempts > 0
+                  and row_number() over (partition by created.event_id, created.attempts order by created.id) = 1
+                 then inserted.data end,
+            inserted.occurred_at
+     from created
+     join inserted on inserted.id = created.event_id
+     order by created.id";
+
+async fn insert_events(
+    transaction: &Transaction<'_>,
+    events: &[PendingEvent],
+    rooms: &[(String, i32, bool)],
+    lease_ms: f64,
+) -> Result<Created, tokio_postgres::Error> {
+    let mut created = Created::default();
     if events.is_empty() {
-        return Ok(());
+        return Ok(created);
     }
     let outbox_ids: Vec<i64> = events.iter().map(|event| event.outbox_id).collect();
     let rules: Vec<&str> = events.iter().map(|event| event.rule.as_str()).collect();
@@ -473,28 +590,13 @@ async fn insert_events(transaction: &Transaction<'_>, events: &[PendingEvent]) -
     // Endpoint names contain no comma (config validation), so a joined list is safe.
     let endpoints: Vec<String> = events.iter().map(|event| event.endpoints.join(",")).collect();
     let ordering_keys: Vec<&str> = events.iter().map(|event| event.ordering_key.as_str()).collect();
+    let room_endpoints: Vec<&str> = rooms.iter().map(|(endpoint, _, _)| endpoint.as_str()).collect();
+    let room_sizes: Vec<i32> = rooms.iter().map(|(_, room, _)| *room).collect();
+    let room_ordered: Vec<bool> = rooms.iter().map(|(_, _, ordered)| *ordered).collect();
 
-    // One statement writes the events and their deliveries. The join back to
-    // the input is on (outbox_id, rule), which is unique because a rule emits
-    // at most one event per change.
-    let statement = transaction
-        .prepare_cached("with input as (
-                 select * from unnest($1::bigint[], $2::text[], $3::text[], $4::jsonb[], $5::timestamptz[], $6::text[], $7::text[])
-                     as input (outbox_id, rule, type, data, occurred_at, endpoints, ordering_key)
-             ), inserted as (
-                 insert into gancho.event (outbox_id, rule, type, data, occurred_at)
-                 select outbox_id, rule, type, data, occurred_at from input
-                 returning id, outbox_id, rule
-             )
-             insert into gancho.delivery (event_id, endpoint, ordering_key)
-             select inserted.id, endpoint, input.ordering_key
-             from inserted
-             join input on input.outbox_id = inserted.outbox_id and input.rule = inserted.rule
-             cross join lateral unnest(string_to_array(input.endpoints, ',')) as endpoint
-             order by inserted.id, endpoint")
-        .await?;
-    transaction
-        .execute(
+    let statement = transaction.prepare_cached(INSERT_EVENTS_SQL).await?;
+    let rows = transaction
+        .query(
             &statement,
             &[
                 &outbox_ids,
@@ -504,8 +606,36 @@ async fn insert_events(transaction: &Transaction<'_>, events: &[PendingEvent]) -
                 &occurred,
                 &endpoints,
                 &ordering_keys,
+                &room_endpoints,
+                &room_sizes,
+                &room_ordered,
+                &lease_ms,
             ],
         )
         .await?;
-    Ok(())
+
+    // The payload sent is the one stored, as jsonb returns it, so a first
+    // attempt handed over here and a retry claimed later send the same bytes.
+    // The deliveries of one event share it; it comes with the first.
+    let mut payloads: HashMap<i64, Arc<Value>> = HashMap::new();
+    for row in rows {
+        let endpoint: String = row.get(0);
+        let attempt: i32 = row.get(1);
+        if attempt == 0 {
+            created.unclaimed.insert(endpoint);
+            continue;
+        }
+        let event_id: i64 = row.get(4);
+        let data = payloads.entry(event_id).or_insert_with(|| Arc::new(row.get(6))).clone();
+        created.handed.entry(endpoint).or_default().push(ClaimedDelivery {
+            id: row.get(2),
+            webhook_id: row.get(3),
+            attempt,
+            event_id,
+            event_type: row.get(5),
+            data,
+            occurred_at: row.get(7),
+        });
+    }
+    Ok(created)
 }

@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::db::{self, DbError};
 use crate::delivery::Dispatcher;
+use crate::delivery::handoff::Inbox;
 use crate::rules::processor::Processor;
 
 #[derive(Debug, thiserror::Error)]
@@ -41,10 +42,10 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
 
     let pool = db::pool(&pg_config, config.sidecar.pool_size)?;
     let processor_wake = Arc::new(Notify::new());
-    let endpoint_wakes: HashMap<String, Arc<Notify>> = config
+    let inboxes: HashMap<String, Arc<Inbox>> = config
         .endpoints
         .iter()
-        .map(|endpoint| (endpoint.name.clone(), Arc::new(Notify::new())))
+        .map(|endpoint| (endpoint.name.clone(), Arc::default()))
         .collect();
 
     let mut tasks = JoinSet::new();
@@ -58,7 +59,7 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
         Arc::clone(&config),
         pool.clone(),
         Arc::clone(&processor_wake),
-        endpoint_wakes.clone(),
+        inboxes.clone(),
         shutdown.clone(),
     ));
     tasks.spawn(maintenance::run(Arc::clone(&config), pool.clone(), shutdown.clone()));
@@ -67,7 +68,7 @@ pub async fn run(config: Arc<Config>, shutdown: CancellationToken) -> Result<(),
             Arc::new(endpoint.clone()),
             pool.clone(),
             config.sidecar.clone(),
-            Arc::clone(&endpoint_wakes[&endpoint.name]),
+            Arc::clone(&inboxes[&endpoint.name]),
             shutdown.clone(),
         );
         tasks.spawn(dispatcher.run());
@@ -162,10 +163,10 @@ async fn process_loop(
     config: Arc<Config>,
     pool: deadpool_postgres::Pool,
     wake: Arc<Notify>,
-    endpoint_wakes: HashMap<String, Arc<Notify>>,
+    inboxes: HashMap<String, Arc<Inbox>>,
     shutdown: CancellationToken,
 ) {
-    let processor = Processor::new(Arc::clone(&config));
+    let processor = Processor::new(Arc::clone(&config), inboxes);
     let mut failures = 0u32;
     let mut armed = false;
     let mut woken = false;
@@ -182,7 +183,7 @@ async fn process_loop(
             }
         }
 
-        if let Err(delay) = drain(&processor, &pool, &endpoint_wakes, &shutdown, &mut failures).await {
+        if let Err(delay) = drain(&processor, &pool, &shutdown, &mut failures).await {
             wait = delay;
         } else if !shutdown.is_cancelled() {
             let armed_now = async {
@@ -192,19 +193,11 @@ async fn process_loop(
             match armed_now.await {
                 Ok(in_progress) => {
                     armed = true;
-                    let drained = drain(&processor, &pool, &endpoint_wakes, &shutdown, &mut failures).await;
+                    let drained = drain(&processor, &pool, &shutdown, &mut failures).await;
                     if drained.is_ok() {
-                        let waited = wait_for_writers(
-                            &processor,
-                            &pool,
-                            &endpoint_wakes,
-                            &wake,
-                            &shutdown,
-                            in_progress,
-                            &config,
-                            &mut failures,
-                        )
-                        .await;
+                        let waited =
+                            wait_for_writers(&processor, &pool, &wake, &shutdown, in_progress, &config, &mut failures)
+                                .await;
                         if let Err(delay) = waited {
                             wait = delay;
                         }
@@ -246,7 +239,6 @@ async fn process_loop(
 async fn drain(
     processor: &Processor,
     pool: &deadpool_postgres::Pool,
-    endpoint_wakes: &HashMap<String, Arc<Notify>>,
     shutdown: &CancellationToken,
     failures: &mut u32,
 ) -> Result<(), std::time::Duration> {
@@ -259,16 +251,12 @@ async fn drain(
         match result {
             Ok(outcome) => {
                 *failures = 0;
-                for endpoint in &outcome.endpoints {
-                    if let Some(notify) = endpoint_wakes.get(endpoint) {
-                        notify.notify_one();
-                    }
-                }
                 if outcome.changes > 0 {
                     tracing::debug!(
                         changes = outcome.changes,
                         events = outcome.events,
                         deliveries = outcome.deliveries,
+                        handed = outcome.handed,
                         "outbox batch processed"
                     );
                 }
@@ -294,7 +282,6 @@ async fn drain(
 async fn wait_for_writers(
     processor: &Processor,
     pool: &deadpool_postgres::Pool,
-    endpoint_wakes: &HashMap<String, Arc<Notify>>,
     wake: &Notify,
     shutdown: &CancellationToken,
     mut in_progress: Vec<i64>,
@@ -330,7 +317,7 @@ async fn wait_for_writers(
             }
         };
         if still.len() < in_progress.len() {
-            drain(processor, pool, endpoint_wakes, shutdown, failures).await?;
+            drain(processor, pool, shutdown, failures).await?;
         }
         in_progress = still;
     }

@@ -328,6 +328,42 @@ async fn replicas_share_work_without_duplicates() {
 }
 
 #[tokio::test]
+async fn deliveries_beyond_the_handoff_are_claimed() {
+    // With one request slot the dispatcher takes two deliveries at a time
+    // from the processor; the rest of each batch waits for its claims.
+    let (db, receiver, text) = orders_setup().await;
+    let text = text.replace("events = [\"*\"]", "events = [\"*\"]\nmax_in_flight = 1");
+    let sidecar = start_sidecar(parse_config(&text, &[]));
+    let delivered_sql = "select count(*) from gancho.delivery where status = 'delivered'";
+    // Once the first arrives, the dispatcher has offered its room.
+    db.execute("insert into orders values (0, 'new', 1)").await;
+    wait_for_count(&db, delivered_sql, 1, Duration::from_secs(15)).await;
+
+    db.execute("insert into orders select i, 'new', 1 from generate_series(1, 40) i")
+        .await;
+    wait_for_count(&db, delivered_sql, 41, Duration::from_secs(30)).await;
+    db.execute("update orders set state = 'paid'").await;
+    let delivered = wait_for_count(&db, delivered_sql, 82, Duration::from_secs(30)).await;
+    sidecar.stop().await;
+
+    assert_eq!(delivered, 82);
+    assert_eq!(receiver.received().len(), 82, "no delivery was sent twice");
+    assert_eq!(
+        db.count("select count(*) from gancho.attempt").await,
+        82,
+        "one attempt each"
+    );
+    assert_eq!(
+        db.count("select count(*) from gancho.delivery where attempts <> 1")
+            .await,
+        0
+    );
+    for id in 0..=40 {
+        assert_eq!(states_of(&receiver, id), vec!["new", "paid"], "order {id}");
+    }
+}
+
+#[tokio::test]
 async fn killed_replica_work_is_taken_over() {
     let (db, receiver, text) = orders_setup().await;
     receiver.set_delay(Duration::from_millis(5));
