@@ -26,7 +26,7 @@ pub struct Inbox {
     /// offered. Zero while its endpoint is paused, probing or disabled.
     room: AtomicUsize,
     /// Set when deliveries may wait in the database for a claim.
-    claim_wanted: AtomicBool,
+    claim_requested: AtomicBool,
     handed: Mutex<Vec<ClaimedDelivery>>,
 }
 
@@ -36,19 +36,19 @@ impl Default for Inbox {
             wake: Notify::new(),
             room: AtomicUsize::new(0),
             // Deliveries left by an earlier run may be waiting.
-            claim_wanted: AtomicBool::new(true),
+            claim_requested: AtomicBool::new(true),
             handed: Mutex::new(Vec::new()),
         }
     }
 }
 
 impl Inbox {
-    /// Takes up to `wanted` of the room the dispatcher offered and returns
+    /// Takes up to `requested` of the room the dispatcher offered and returns
     /// how much was taken.
-    pub fn reserve(&self, wanted: usize) -> usize {
+    pub fn reserve(&self, requested: usize) -> usize {
         let mut taken = 0;
         let _ = self.room.fetch_update(Ordering::AcqRel, Ordering::Acquire, |room| {
-            taken = room.min(wanted);
+            taken = room.min(requested);
             Some(room - taken)
         });
         taken
@@ -65,7 +65,7 @@ impl Inbox {
 
     /// Tells the dispatcher that deliveries wait in the database.
     pub fn request_claim(&self) {
-        self.claim_wanted.store(true, Ordering::Release);
+        self.claim_requested.store(true, Ordering::Release);
         self.wake.notify_one();
     }
 
@@ -79,7 +79,7 @@ impl Inbox {
     }
 
     pub(super) fn take_claim_request(&self) -> bool {
-        self.claim_wanted.swap(false, Ordering::AcqRel)
+        self.claim_requested.swap(false, Ordering::AcqRel)
     }
 
     pub(super) async fn notified(&self) {

@@ -211,13 +211,13 @@ impl Processor {
     fn reserve_rooms(&self, per_endpoint: &HashMap<&str, usize>) -> Vec<(String, i32, bool)> {
         let mut rooms = Vec::new();
         for endpoint in &self.config.endpoints {
-            let Some(&wanted) = per_endpoint.get(endpoint.name.as_str()) else {
+            let Some(&requested) = per_endpoint.get(endpoint.name.as_str()) else {
                 continue;
             };
             let Some(inbox) = self.inboxes.get(&endpoint.name) else {
                 continue;
             };
-            let room = inbox.reserve(wanted);
+            let room = inbox.reserve(requested);
             if room > 0 {
                 rooms.push((endpoint.name.clone(), room as i32, endpoint.ordered));
             }
@@ -508,7 +508,7 @@ async fn save_states(
     Ok(())
 }
 
-/// What [`insert_events`] created.
+/// The deliveries written by [`insert_events`], split by how they reach their dispatcher.
 #[derive(Default)]
 struct Created {
     /// Deliveries created claimed, by endpoint, in id order.
@@ -522,10 +522,10 @@ struct Created {
 /// most one event per change.
 ///
 /// A delivery is created claimed (attempt 1, leased) when its endpoint's
-/// dispatcher has room for it, and, at an endpoint that keeps each row's
-/// deliveries in order, when no earlier delivery of its row is pending, in the
-/// table or in this batch. The rest are created unclaimed, for the dispatchers'
-/// claims.
+/// dispatcher has room for it. At an endpoint that keeps each row's
+/// deliveries in order, no earlier delivery of its row may be pending either,
+/// in the table or in this batch. The rest are created unclaimed, for the
+/// dispatchers' claims.
 const INSERT_EVENTS_SQL: &str = "with input as (
          select * from unnest($1::bigint[], $2::text[], $3::text[], $4::jsonb[], $5::timestamptz[], $6::text[], $7::text[])
              as input (outbox_id, rule, type, data, occurred_at, endpoints, ordering_key)
