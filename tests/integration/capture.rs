@@ -93,6 +93,24 @@ event = "stock.changed"
 }
 
 #[tokio::test]
+async fn install_drops_webhook_id_index() {
+    let db = TestDb::create().await;
+    db.execute(gancho::capture::SCHEMA_SQL).await;
+    let indexed = "select count(*) from pg_index i
+                   join pg_attribute a on a.attrelid = i.indrelid and a.attnum = any(i.indkey)
+                   where i.indrelid = 'gancho.delivery'::regclass and a.attname = 'webhook_id'";
+    assert_eq!(db.count(indexed).await, 0, "a fresh install has no index on webhook_id");
+
+    // Installs of earlier versions created this unique constraint.
+    db.execute("alter table gancho.delivery add constraint delivery_webhook_id_key unique (webhook_id)")
+        .await;
+    assert_eq!(db.count(indexed).await, 1);
+    db.execute(gancho::capture::SCHEMA_SQL).await;
+
+    assert_eq!(db.count(indexed).await, 0, "reinstalling drops it");
+}
+
+#[tokio::test]
 async fn sql_file_installs_with_psql_semantics() {
     // The same file a DBA runs with `psql -f`, then one watch() call.
     let db = TestDb::create().await;

@@ -328,6 +328,35 @@ async fn replicas_share_work_without_duplicates() {
 }
 
 #[tokio::test]
+async fn handed_delivery_leased_at_creation() {
+    // A delivery the processor hands over gets its lease in the transaction
+    // that creates it, so the lease ends exactly one `lease` (10 s) after
+    // `created_at`. A claim would set it in a later transaction.
+    let (db, receiver, text) = orders_setup().await;
+    let sidecar = start_sidecar(parse_config(&text, &[]));
+    let delivered_sql = "select count(*) from gancho.delivery where status = 'delivered'";
+    db.execute("insert into orders values (0, 'new', 1)").await;
+    wait_for_count(&db, delivered_sql, 1, Duration::from_secs(15)).await;
+
+    receiver.set_delay(Duration::from_millis(1500));
+    db.execute("insert into orders values (1, 'new', 1)").await;
+    let in_flight = "select count(*) from gancho.delivery
+                     where status = 'pending' and attempts = 1 and lease_until is not null";
+    wait_for_count(&db, in_flight, 1, Duration::from_secs(15)).await;
+    let exact = db
+        .count(
+            "select count(*) from gancho.delivery
+             where status = 'pending' and lease_until = created_at + interval '10 s'",
+        )
+        .await;
+    wait_for_count(&db, delivered_sql, 2, Duration::from_secs(15)).await;
+    sidecar.stop().await;
+
+    assert_eq!(exact, 1, "the lease was set when the delivery was created");
+    assert_eq!(states_of(&receiver, 1), vec!["new"]);
+}
+
+#[tokio::test]
 async fn deliveries_beyond_the_handoff_are_claimed() {
     // With one request slot the dispatcher takes two deliveries at a time
     // from the processor; the rest of each batch waits for its claims.
