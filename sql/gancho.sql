@@ -100,13 +100,13 @@ create index if not exists delivery_due on gancho.delivery (endpoint, next_attem
 create index if not exists delivery_pending_key on gancho.delivery (endpoint, ordering_key, id) where status = 'pending';
 create index if not exists delivery_dead on gancho.delivery (endpoint, id) where status = 'dead';
 create index if not exists delivery_event on gancho.delivery (event_id);
--- webhook_id holds 122 random bits, so no two deliveries share one. An
--- earlier schema also enforced that with a unique index, which every insert
--- and every outcome of a delivery had to update at a random place.
+-- webhook_id contains 122 random bits from gen_random_uuid(), so a collision
+-- is as unlikely as for any version 4 UUID. Earlier schemas also had a unique
+-- index on it, which every insert and outcome updated at a random place.
 alter table gancho.delivery drop constraint if exists delivery_webhook_id_key;
 -- A claim sets only columns that no index covers (lease_until, attempts),
 -- so Postgres can write it as a heap-only update, without a new entry in
--- each of the six indexes, when the row's page has room for the new version.
+-- each index, when the row's page has room for the new version.
 -- Deliveries are claimed soon after they are inserted, while the last pages
 -- would otherwise be full. Half of each page is left free for that.
 alter table gancho.delivery set (fillfactor = 50);

@@ -127,8 +127,8 @@ impl Dispatcher {
             self.take_handed(&mut queue);
 
             // A failed attempt may have paused the endpoint: read its health
-            // again before sending what waits. Its retry is due later, so
-            // the next claim finds out when.
+            // again before sending what waits. Claim at once, because the
+            // claim then reads when the failed delivery's retry is due.
             if self.failed.swap(false, Ordering::AcqRel) {
                 allowed = self
                     .check_health(&mut failures)
@@ -397,14 +397,14 @@ impl Dispatcher {
         }
     }
 
-    /// How long until a pending delivery of this endpoint may be claimed: its
-    /// next attempt is due and no live lease holds it. Deliveries in flight
-    /// count only once their lease would expire.
+    /// Returns how long until a pending delivery of this endpoint may be
+    /// claimed, which is when its next attempt is due and its lease, if any,
+    /// has expired. `greatest()` ignores a null lease.
     async fn time_until_next_due(&self) -> Option<Duration> {
         let client = self.pool.get().await.ok()?;
         let statement = client
             .prepare_cached(
-                "select (extract(epoch from min(greatest(next_attempt_at, coalesce(lease_until, next_attempt_at))) - now()) * 1000)::bigint
+                "select (extract(epoch from min(greatest(next_attempt_at, lease_until)) - now()) * 1000)::bigint
                  from gancho.delivery where endpoint = $1 and status = 'pending'",
             )
             .await

@@ -11,7 +11,7 @@
 //! delivery like any other: if this sidecar dies before sending it, its lease
 //! expires and any sidecar claims it. Deliveries that were not handed (no
 //! room, or an earlier delivery of the same row still waits at an ordered
-//! endpoint) are created unclaimed, and the processor asks for a claim.
+//! endpoint) are created unclaimed, and the processor requests a claim.
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -43,15 +43,15 @@ impl Default for Inbox {
 }
 
 impl Inbox {
-    /// Takes up to `requested` of the room the dispatcher offered and returns
-    /// how much was taken.
+    /// Reserves up to `requested` of the room the dispatcher offered and
+    /// returns how much was granted.
     pub fn reserve(&self, requested: usize) -> usize {
-        let mut taken = 0;
+        let mut granted = 0;
         let _ = self.room.fetch_update(Ordering::AcqRel, Ordering::Acquire, |room| {
-            taken = room.min(requested);
-            Some(room - taken)
+            granted = room.min(requested);
+            Some(room - granted)
         });
-        taken
+        granted
     }
 
     /// Passes deliveries created claimed to the dispatcher.

@@ -616,7 +616,8 @@ async fn insert_events(
 
     // The payload sent is the one stored, as jsonb returns it, so a first
     // attempt handed over here and a retry claimed later send the same bytes.
-    // The deliveries of one event share it; it comes with the first.
+    // The query returns it with an event's first claimed delivery only, and
+    // the others share that copy.
     let mut payloads: HashMap<i64, Arc<Value>> = HashMap::new();
     for row in rows {
         let endpoint: String = row.get(0);
